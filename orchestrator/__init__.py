@@ -1,0 +1,1 @@
+"""dinoray orchestrator: runs the model at scale on Ray."""
