@@ -129,6 +129,14 @@ class MetricsCfg:
 
 
 @dataclass
+class DebugCfg:
+    """Fault-injection hooks for tests. Leave empty in real jobs."""
+    nan_steps: list[int] = field(default_factory=list)  # rank 0 poisons its batch with NaN at these steps
+    kill_at_step: int = -1           # rank 0's worker SIGKILLs itself once when it reaches this step
+    step_sleep_s: float = 0.0        # slow each step down (lets tests interrupt a run mid-phase)
+
+
+@dataclass
 class EvalCfg:
     ks: list[int] = field(default_factory=lambda: [10, 20])
     temperature: float = 0.07
@@ -172,6 +180,7 @@ class JobSpec:
     failure: FailureCfg = field(default_factory=FailureCfg)
     metrics: MetricsCfg = field(default_factory=MetricsCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    debug: DebugCfg = field(default_factory=DebugCfg)
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def phase(self, name: str) -> PhaseSpec:
@@ -398,7 +407,8 @@ def validate(job: JobSpec) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-_HASH_EXCLUDE = {"num_workers", "cpus_per_worker", "use_gpu", "storage_options", "metrics", "failure", "source"}
+_HASH_EXCLUDE = {"num_workers", "cpus_per_worker", "use_gpu", "storage_options", "metrics", "failure", "debug",
+                 "checkpoint", "source"}
 
 
 def phase_hash(job: JobSpec, phase: PhaseSpec | str) -> str:
