@@ -1,0 +1,202 @@
+"""k-NN evaluation of a backbone on labelled shards (weighted vote, cosine, T=0.07, as DINO/DINOv2 do).
+
+    dinoray eval knn --weights runs/demo/pretrain/final/backbone.pth \
+        --train runs/shards/cifar10-train --test runs/shards/cifar10-test --json
+
+W is an exported file (.pth / .safetensors in dinov2 key names) or a phase's `final/` folder.
+The architecture is read off the state dict's shapes, so no config is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import model as dmodel
+from orchestrator import storage
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+# --------------------------------------------------------------------------- weights
+def load_state_dict(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """Read backbone weights from a .pth/.safetensors file or a phase's final/ folder."""
+    fs, path = storage.fs_for(url, storage_options)
+    if fs.isdir(path):
+        path = path.rstrip("/") + "/backbone.pth"
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{url}: no backbone.pth inside; pass an exported file or a phase's final/ folder")
+    with fs.open(path, "rb") as fh:
+        data = fh.read()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load
+        return load(data)
+    sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return sd.get("backbone", sd) if isinstance(sd, dict) else sd
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> dict:
+    """build_backbone kwargs read off a dinov2-named state dict."""
+    dim = sd["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    n_pos = sd["pos_embed"].shape[1] - 1
+    grid = int(round(n_pos ** 0.5))
+    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    layerscale = "blocks.0.ls1.gamma" in sd
+    arch = {v["embed_dim"]: k for k, v in dmodel.ARCHS.items() if v["depth"] == depth}.get(dim)
+    if arch is None:
+        raise ValueError(f"no known arch with dim {dim} and depth {depth}; known: {sorted(dmodel.ARCHS)}")
+    return dict(arch=arch, img_size=grid * patch, patch_size=patch, num_register_tokens=regs,
+                ffn_layer="swiglufused" if swiglu else "mlp",
+                layerscale_init=1e-5 if layerscale else None,
+                interpolate_antialias=regs > 0, interpolate_offset=0.0 if regs > 0 else 0.1)
+
+
+def backbone_from_state_dict(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    net = dmodel.build_backbone(**infer_arch(sd))
+    net.load_state_dict(sd, strict=True)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- data
+def iter_labelled(url: str, storage_options: dict | None = None):
+    """Yield (jpeg bytes, label) from every shard listed in URL/index.json, in order."""
+    fs, root = storage.fs_for(url, storage_options)
+    with fs.open(root.rstrip("/") + "/index.json") as fh:
+        index = json.load(fh)
+    for shard in index["shards"]:
+        name = shard["name"] if isinstance(shard, dict) else shard
+        with fs.open(f"{root.rstrip('/')}/{name}", "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            sample: dict[str, bytes] = {}
+            key = None
+            for member in tar:
+                if not member.isfile():
+                    continue
+                stem, _, ext = member.name.rpartition(".")
+                if key is not None and stem != key:
+                    yield from _emit(sample)
+                    sample = {}
+                key = stem
+                sample[ext.lower()] = tar.extractfile(member).read()
+            yield from _emit(sample)
+
+
+def _emit(sample: dict[str, bytes]):
+    img = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    label = sample.get("cls")
+    if img is not None and label is not None:
+        yield img, int(label.decode().strip())
+
+
+def _to_tensor(data: bytes, size: int) -> torch.Tensor:
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    if min(im.size) != size:  # resize the short side to size*256/224, centre-crop size (reference eval)
+        short = size if min(im.size) <= size else int(round(size * 256 / 224))
+        w, h = im.size
+        im = im.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def extract_features(net: torch.nn.Module, url: str, image_size: int, batch_size: int = 256,
+                     storage_options: dict | None = None, limit: int | None = None):
+    """L2-normalised CLS features and labels of every labelled image under URL."""
+    feats, labels, batch, batch_labels = [], [], [], []
+    device = next(net.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def flush():
+        x = dmodel.normalize_images(torch.stack(batch).to(device))
+        with autocast:
+            out = net(x)
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+        labels.extend(batch_labels)
+        batch.clear()
+        batch_labels.clear()
+
+    for i, (img, label) in enumerate(iter_labelled(url, storage_options)):
+        if limit is not None and i >= limit:
+            break
+        batch.append(_to_tensor(img, image_size))
+        batch_labels.append(label)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not feats:
+        raise ValueError(f"{url}: no labelled images found (samples need an image and a .cls label)")
+    return torch.cat(feats), torch.tensor(labels)
+
+
+# --------------------------------------------------------------------------- k-NN
+def knn_accuracy(train_f, train_l, test_f, test_l, ks=(10, 20), temperature: float = 0.07,
+                 chunk: int = 1024) -> dict[int, float]:
+    """Weighted k-NN (DINO): top-k cosine neighbours vote with weight exp(sim / T)."""
+    n_classes = int(max(train_l.max(), test_l.max())) + 1
+    kmax = min(max(ks), len(train_f))
+    correct = {k: 0 for k in ks}
+    for start in range(0, len(test_f), chunk):
+        sims = test_f[start:start + chunk] @ train_f.T
+        top_sim, top_idx = sims.topk(kmax, dim=1)
+        top_lab = train_l[top_idx]
+        weights = (top_sim / temperature).exp()
+        truth = test_l[start:start + chunk]
+        for k in ks:
+            votes = torch.zeros(len(truth), n_classes)
+            votes.scatter_add_(1, top_lab[:, :k], weights[:, :k])
+            correct[k] += int((votes.argmax(1) == truth).sum())
+    return {k: correct[k] / len(test_f) for k in ks}
+
+
+def knn_eval(weights: str | dict, train_url: str, test_url: str, *, ks=(10, 20), temperature=0.07,
+             image_size: int | None = None, batch_size: int = 256, storage_options: dict | None = None,
+             train_limit: int | None = None) -> dict:
+    """Load weights, embed both splits and return {"top1": {k: acc}, "n_train", "n_test", "seconds"}."""
+    t0 = time.time()
+    sd = load_state_dict(weights, storage_options) if isinstance(weights, str) else weights
+    net = backbone_from_state_dict(sd)
+    size = image_size or infer_arch(sd)["img_size"]
+    train_f, train_l = extract_features(net, train_url, size, batch_size, storage_options, train_limit)
+    test_f, test_l = extract_features(net, test_url, size, batch_size, storage_options)
+    acc = knn_accuracy(train_f, train_l, test_f, test_l, ks, temperature)
+    return {"top1": {str(k): v for k, v in acc.items()}, "n_train": len(train_f), "n_test": len(test_f),
+            "image_size": size, "temperature": temperature, "seconds": round(time.time() - t0, 2)}
+
+
+# --------------------------------------------------------------------------- CLI
+def _cmd_knn(args) -> int:
+    ks = [int(k) for k in args.k.split(",")]
+    res = knn_eval(args.weights, args.train, args.test, ks=ks, temperature=args.temperature,
+                   image_size=args.image_size, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res["top1"].items():
+            print(f"k={k:>3}  top-1 {100 * v:.2f}%  ({res['n_test']} test / {res['n_train']} train images)")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate a backbone").add_subparsers(dest="eval_command", metavar="EVAL")
+    p = ev.add_parser("knn", help="weighted k-NN on labelled shards")
+    p.add_argument("--weights", required=True, help="exported backbone file or a phase's final/ folder")
+    p.add_argument("--train", required=True, help="labelled shards URL (memory bank)")
+    p.add_argument("--test", required=True, help="labelled shards URL (queries)")
+    p.add_argument("--k", default="10,20", help="comma-separated k values (default 10,20)")
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--image-size", type=int, default=None, help="default: the weights' training size")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_knn)
