@@ -248,6 +248,11 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             _fail(source, path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 / 1.7e12 (no sign, no dot) as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(source, path, f"expected a number, got {value!r}")
         return float(value)

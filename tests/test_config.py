@@ -1,0 +1,80 @@
+"""Job spec schema: unknown keys, impossible values, overrides, the shipped job files."""
+from pathlib import Path
+
+import pytest
+
+from orchestrator import config
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {
+    "name": "t", "storage": "/tmp/runs", "num_workers": 2,
+    "data": {"train": "/tmp/shards", "eval_train": "/tmp/a", "eval_test": "/tmp/b"},
+    "model": {"arch": "vit_pico", "patch_size": 4},
+    "crops": {"global_size": 32, "local_size": 16},
+    "optim": {"batch_size": 64},
+    "phases": [{"name": "pretrain", "kind": "pretrain", "steps": 10},
+               {"name": "highres", "kind": "highres", "from_phase": "pretrain", "steps": 5,
+                "crops": {"global_size": 48}},
+               {"name": "eval", "kind": "eval", "from_phase": "highres"}],
+}
+
+
+def load(overrides=(), **changes):
+    return config.job_from_dict({**BASE, **changes}, source="job.yaml", overrides=overrides)
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_jobs_validate(job):
+    spec = config.load_job(str(job))
+    assert spec.phases and all(config.phase_hash(spec, p) for p in spec.phases)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(config.ConfigError) as err:
+        load(modle={"arch": "vit_small"})
+    assert "job.yaml: modle: unknown key; did you mean 'model'?" in str(err.value)
+    with pytest.raises(config.ConfigError, match=r"phases\[1\]\.crops\.global_sise: unknown key; did you mean"):
+        load(["phases.highres.crops.global_sise=48"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("crops.global_size=33", "crops.global_size: 33 is not a multiple of model.patch_size=4; use 32"),
+    ("phases.highres.crops.global_size=50", "phases[1].crops.global_size: 50 is not a multiple"),
+    ("optim.batch_size=63", "optim.batch_size: 63 is not divisible by num_workers=2"),
+    ("phases.highres.from_phase=pretrian", "depends on 'pretrian', which is not a phase of this job; did you mean 'pretrain'?"),
+    ("phases.pretrain.from_phase=eval", "depends on 'eval', which comes later"),
+    ("storage=''", "storage: missing storage root"),
+    ("backend=fsdp", "'fsdp' is not one of ['fsdp2', 'deepspeed', 'ddp']; did you mean 'fsdp2'?"),
+    ("optim.base_lr=fast", "optim.base_lr: expected a number, got 'fast'"),
+    ("storage_options.secret=abc", "credentials must not be in job files"),
+    ("phases.highrs.steps=3", "no phase 'highrs'"),
+])
+def test_impossible_values_are_refused_with_their_key(override, message):
+    with pytest.raises(config.ConfigError) as err:
+        load([override])
+    assert message in str(err.value)
+
+
+def test_overrides_and_phase_resolution():
+    job = load(["optim.base_lr=1e-3", "phases.1.steps=7", "metrics.peak_flops=1.7e12"])
+    assert job.optim.base_lr == 1e-3 and job.phase("highres").steps == 7 and job.metrics.peak_flops == 1.7e12
+    hr = config.resolve(job, "highres")
+    assert hr.crops.global_size == 48 and hr.crops.local_size == 16
+    assert config.model_cfg(hr)["img_size"] == 48 and config.model_cfg(hr, arch="vit_tiny")["arch"] == "vit_tiny"
+
+
+def test_phase_hash_tracks_what_changes_the_result():
+    base = load()
+    assert config.phase_hash(base, "pretrain") == config.phase_hash(load(["num_workers=1", "optim.batch_size=64"]), "pretrain")
+    assert config.phase_hash(base, "pretrain") != config.phase_hash(load(["optim.base_lr=0.1"]), "pretrain")
+    # a later phase's change leaves an earlier phase's hash alone
+    assert config.phase_hash(base, "pretrain") == config.phase_hash(load(["phases.highres.steps=9"]), "pretrain")
+
+
+def test_missing_job_file_and_bad_yaml(tmp_path):
+    with pytest.raises(config.ConfigError, match="no such job file"):
+        config.load_job(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="bad.yaml: not valid YAML"):
+        config.load_job(str(bad))
