@@ -205,6 +205,13 @@ def run_pipeline(job: config.JobSpec, restart_from: str | None = None, log=print
             state["phases"] = [known.get(e["name"], e) for e in fresh]
         if restart_from:
             _reset_from(job, state, restart_from, log)
+        for phase, entry in zip(job.phases, state["phases"]):  # refuse before taking any Ray resource
+            digest = config.phase_hash(job, phase)
+            if entry["config_hash"] not in (None, digest):
+                raise PipelineError(
+                    f"{job.source}: phase '{phase.name}' was {entry['state']} with a different config "
+                    f"(hash {entry['config_hash']}, now {digest}). Restore the old values, or re-run with "
+                    f"--restart-from {phase.name} to redo it and every later phase.")
         save = lambda: _write_json(f"{root}/pipeline.json", state, so)  # noqa: E731
         save()
         _connect_ray(job)
@@ -212,11 +219,6 @@ def run_pipeline(job: config.JobSpec, restart_from: str | None = None, log=print
         log(f"[dinoray] run {root}; metrics: {metrics_mod.local_scrape_url(job.metrics.export_port)}")
         for i, (phase, entry) in enumerate(zip(job.phases, state["phases"])):
             digest = config.phase_hash(job, phase)
-            if entry["config_hash"] not in (None, digest):
-                raise PipelineError(
-                    f"{job.source}: phase '{phase.name}' was {entry['state']} with a different config "
-                    f"(hash {entry['config_hash']}, now {digest}). Restore the old values, or re-run with "
-                    f"--restart-from {phase.name} to redo it and every later phase.")
             pm.phase_state(phase.name, phase.kind, entry["state"])
             if entry["state"] == "done":
                 log(f"[{phase.name}] done already (step {entry['step']}/{entry['steps']}), skipped")
