@@ -52,7 +52,7 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> dict:
     regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     swiglu = "blocks.0.mlp.w12.weight" in sd
     layerscale = "blocks.0.ls1.gamma" in sd
-    arch = {v["embed_dim"]: k for k, v in dmodel.ARCHS.items() if v["depth"] == depth}.get(dim)
+    arch = next((name for name, (d, n, _, _) in dmodel.ARCHS.items() if (d, n) == (dim, depth)), None)
     if arch is None:
         raise ValueError(f"no known arch with dim {dim} and depth {depth}; known: {sorted(dmodel.ARCHS)}")
     return dict(arch=arch, img_size=grid * patch, patch_size=patch, num_register_tokens=regs,

@@ -1,0 +1,59 @@
+"""k-NN maths, architecture inference from released key names, and export round trips."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as dmodel
+from orchestrator import evaluate, export
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2_hub_state_dicts.json"
+
+
+def test_weighted_knn_against_a_hand_computed_case():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.6, 0.8]]), dim=1)
+    truth = torch.tensor([0, 1, 1])
+    acc = evaluate.knn_accuracy(train, labels, test, truth, ks=(1, 3), temperature=0.07)
+    # k=1: nearest neighbours are 0, 1 (label 1: [0.1,0.9]) and for [0.6,0.8] the point [0.7,0.7] (label 2)
+    assert acc[1] == pytest.approx(2 / 3)
+    # k=3: the third query's neighbours [0.7,0.7] (2), [0.1,0.9] (1), [0,1] (1): exp(sim/T) weights favour
+    # class 2 (sim 0.99) over class 1 (0.86 + 0.80) since exp(0.99/0.07) > exp(0.86/0.07) + exp(0.80/0.07)
+    assert acc[3] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("name", json.loads(REFERENCE.read_text()).keys())
+def test_arch_is_inferred_from_released_state_dicts(name):
+    ref = json.loads(REFERENCE.read_text())[name]
+    sd = {k: torch.empty(v, device="meta") for k, v in ref["state_dict"].items()}
+    net = dmodel.build_backbone(device="meta", **evaluate.infer_arch(sd))
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == ref["state_dict"]
+
+
+@pytest.mark.parametrize("fmt", ["dinov2", "safetensors"])
+def test_export_round_trip_loads_strict(tmp_path, fmt):
+    net = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4, num_register_tokens=4)
+    out = tmp_path / f"w.{fmt}"
+    export.export_state_dict(net.state_dict(), fmt, str(out))
+    sd = evaluate.load_state_dict(str(out))
+    again = evaluate.backbone_from_state_dict(sd)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(again(x), net.eval()(x))
+
+
+def test_timm_names():
+    net = dmodel.build_backbone("vit_pico", img_size=28, patch_size=14, num_register_tokens=4, ffn_layer="swiglufused")
+    sd = net.state_dict()
+    timm = export.to_timm(sd)
+    assert "mask_token" not in timm and "register_tokens" not in timm and timm["reg_token"].shape == (1, 4, 64)
+    assert timm["pos_embed"].shape[1] == sd["pos_embed"].shape[1] - 1
+    assert torch.equal(timm["cls_token"], sd["cls_token"] + sd["pos_embed"][:, :1])
+    assert "blocks.0.mlp.fc1.weight" in timm and "blocks.0.mlp.fc2.weight" in timm
+
+
+def test_export_refuses_an_unfinished_phase(tmp_path):
+    with pytest.raises(FileNotFoundError, match="phase 'pretrain' has not finished"):
+        export.export_phase(str(tmp_path), "pretrain", "dinov2", str(tmp_path / "o.pth"))

@@ -1,0 +1,55 @@
+"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 runs the smoke pipeline,
+and the uploaded working dir leaves out .venv and .git (Ray's 100 MiB package limit)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    subprocess.run([BIN / "ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                    "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path, cifar_shards):
+    address, env = ray_head
+    overrides = [f"storage={tmp_path}", f"data.train={cifar_shards['train']}",
+                 f"data.eval_train={cifar_shards['train']}", f"data.eval_test={cifar_shards['test']}",
+                 "model.arch=vit_pico", "optim.batch_size=32", "phases.pretrain.steps=4",
+                 "phases.highres.steps=2", "phases.distill.steps=2", "checkpoint.every_steps=2"]
+    sets = " ".join(f"--set {o}" for o in overrides)
+    entry = f"ls -a && dinoray run jobs/smoke_cpu.yaml {sets}"
+    res = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", ".",
+                          "--", "bash", "-c", entry], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    listing = set(out.split())
+    assert {"jobs", "orchestrator", "model"} <= listing, out[-3000:]
+    assert ".venv" not in listing and ".git" not in listing, "the uploaded working dir carried .venv or .git"
+    state = json.loads((tmp_path / "smoke" / "pipeline.json").read_text())
+    assert all(p["state"] == "done" for p in state["phases"]), state
