@@ -1,0 +1,139 @@
+"""DistillMetaArch: distillation of a frozen (larger) DINOv2 teacher into a smaller student.
+
+As in the DINOv2 paper (Sec. 5, "Distillation"): the teacher is frozen, the student sees no masking
+and no stochastic depth, the iBOT loss runs on every patch of both global crops, and an EMA of the
+student (`.student_ema`) is kept as the final model. Same forward signature and parts as SSLMetaArch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from . import losses as L
+from .ema import ema_update_
+from .ssl import (DEFAULT_CFG, Centering, _heads_forward, build_backbone_from_cfg, build_heads,
+                  freeze_, normalize_images, resolve_cfg)
+
+DISTILL_DEFAULT_CFG: dict = {
+    **DEFAULT_CFG,
+    "teacher_arch": "vit_giant2",
+    "teacher_ffn_layer": None,
+    "teacher_num_register_tokens": 0,
+}
+
+
+def _split_prefixed(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class DistillMetaArch(nn.Module):
+    """`teacher`: an nn.ModuleDict {"backbone", "dino_head"[, "ibot_head"]} (e.g. a trained
+    `SSLMetaArch.teacher`), a state dict with those prefixes ("backbone.", "dino_head.", ...), or
+    None for a randomly initialised teacher built from cfg["teacher_arch"] (tests)."""
+
+    def __init__(self, cfg: dict | None = None, teacher: nn.Module | dict | None = None, device=None):
+        super().__init__()
+        self.cfg = cfg = resolve_cfg(cfg, DISTILL_DEFAULT_CFG)
+        self.process_group = None
+        backbone = build_backbone_from_cfg(cfg, drop_path=False, device=device)
+        self.student = nn.ModuleDict({"backbone": backbone, **build_heads(cfg, backbone.embed_dim, device)})
+        self.student_ema = freeze_(copy.deepcopy(self.student))
+        if isinstance(teacher, nn.Module):
+            t = teacher
+        else:
+            tcfg = {**cfg, "arch": cfg["teacher_arch"], "ffn_layer": cfg["teacher_ffn_layer"],
+                    "num_register_tokens": cfg["teacher_num_register_tokens"]}
+            tb = build_backbone_from_cfg(tcfg, drop_path=False, device=device)
+            t = nn.ModuleDict({"backbone": tb, **build_heads(tcfg, tb.embed_dim, device)})
+            if teacher is not None:
+                self._load_teacher(t, teacher)
+        for k in ("backbone", "dino_head"):
+            if k not in t:
+                raise ValueError(f"distillation teacher has no {k!r} module; pass a ModuleDict with "
+                                 "backbone, dino_head and optionally ibot_head")
+        if t["dino_head"].last_layer.out_features != self.student["dino_head"].last_layer.out_features:
+            raise ValueError("teacher and student DINO heads have different numbers of prototypes; "
+                             "set head_n_prototypes to the teacher's")
+        self.teacher = freeze_(t)
+        n_proto = cfg["head_n_prototypes"]
+        n_ibot = cfg["ibot_n_prototypes"] or n_proto
+        it = cfg["sinkhorn_iterations"]
+        self.dino_centering = Centering(cfg["centering"], n_proto, cfg["center_momentum"], it)
+        self.ibot_centering = Centering(cfg["centering"], n_ibot, cfg["center_momentum"], it)
+
+    @staticmethod
+    def _load_teacher(t: nn.ModuleDict, state: dict) -> None:
+        for k, mod in t.items():
+            sub = _split_prefixed(state, k + ".")
+            if not sub:
+                raise ValueError(f"teacher state dict has no keys under '{k}.'; expected keys like "
+                                 f"'{k}.{next(iter(mod.state_dict()))}'")
+            mod.load_state_dict(sub, strict=True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        self.student_ema.eval()
+        return self
+
+    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        t, s = [], []
+        for k in self.student_ema:
+            t += list(self.student_ema[k].parameters())
+            s += list(self.student[k].parameters())
+        return t, s
+
+    @torch.no_grad()
+    def update_ema_(self, momentum: float) -> None:
+        ema_update_(*self.ema_pairs(), momentum)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.student.values():
+            m.init_weights()
+        ema_update_(*self.ema_pairs(), 0.0)
+
+    def final_backbone(self) -> nn.Module:
+        return self.student_ema["backbone"]
+
+    def forward(self, batch: dict, *, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        n_g = cfg["n_global_crops"]
+        glob = normalize_images(batch["global_crops"])
+        B = glob.shape[0] // n_g
+        loc = batch.get("local_crops")
+        n_l = 0 if loc is None or loc.shape[0] == 0 else loc.shape[0] // B
+
+        with torch.no_grad():
+            t_out = self.teacher["backbone"].forward_features(glob)
+            t_cls_logits, t_patch_logits = _heads_forward(
+                self.teacher, t_out["x_norm_clstoken"], t_out["x_norm_patchtokens"].flatten(0, 1))
+            t_cls = self.dino_centering(t_cls_logits, teacher_temp, self.process_group)
+            t_patch = self.ibot_centering(t_patch_logits, teacher_temp, self.process_group)
+
+        xs = [glob] + ([normalize_images(loc)] if n_l else [])
+        s_outs = self.student["backbone"].forward_features_list(xs, [None] * len(xs))
+        s_gcls = s_outs[0]["x_norm_clstoken"]
+        s_cls = torch.cat([o["x_norm_clstoken"] for o in s_outs])
+        s_patch_tokens = s_outs[0]["x_norm_patchtokens"]
+        n_tok = s_patch_tokens.shape[1]
+        s_cls_logits, s_patch_logits = _heads_forward(self.student, s_cls, s_patch_tokens.flatten(0, 1))
+        s_glob_logits, s_loc_logits = s_cls_logits[:n_g * B], s_cls_logits[n_g * B:]
+
+        T = cfg["student_temp"]
+        n_terms = max(n_g * (n_g - 1) + n_g * n_l, 1)
+        s_chunks, t_chunks = s_glob_logits.chunk(n_g), t_cls.chunk(n_g)
+        dino_global = sum(L.dino_loss([s_chunks[i]], [t_chunks[j]], T)
+                          for i in range(n_g) for j in range(n_g) if i != j) / n_terms
+        dino_local = (L.dino_loss(list(s_loc_logits.chunk(n_l)), list(t_chunks), T) / n_terms
+                      if n_l else s_cls_logits.sum() * 0.0)
+        koleo = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
+        weight = torch.full((s_patch_logits.shape[0],), 1.0 / n_tok, device=glob.device)
+        ibot = L.ibot_loss(s_patch_logits, t_patch, weight, n_images=n_g * B, student_temp=T)
+        parts = {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}
+        loss = (cfg["dino_loss_weight"] * (dino_global + dino_local)
+                + cfg["koleo_loss_weight"] * koleo + cfg["ibot_loss_weight"] * ibot)
+        return loss, {k: v.detach().float() for k, v in parts.items()}

@@ -1,0 +1,65 @@
+"""DINO / iBOT projection head: MLP -> bottleneck -> L2 norm -> weight-normalised prototypes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight = g * v / ||v|| (per output row).
+
+    Parameters are plain tensors named `weight_g` [out, 1] and `weight_v` [out, in], the names of
+    `torch.nn.utils.weight_norm` used by the reference checkpoints, but without forward hooks, so
+    sharding wrappers see ordinary parameters.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        if not self.weight_v.is_meta:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight_v, a=5 ** 0.5)  # nn.Linear's default
+        self.weight_g.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = self.weight_v
+        w = v * (self.weight_g / torch.linalg.vector_norm(v.float(), dim=1, keepdim=True).to(v.dtype))
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, nlayers: int = 3):
+        super().__init__()
+        nlayers = max(int(nlayers), 1)
+        if nlayers == 1:
+            layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        if not self.last_layer.weight_v.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12)
+        return self.last_layer(x)

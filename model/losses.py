@@ -1,0 +1,132 @@
+"""DINOv2 losses: DINO CLS loss, teacher centering (softmax EMA / Sinkhorn-Knopp), iBOT, KoLeo, Gram.
+
+Every loss computes in float32 (inputs are cast), so it is safe under bf16 autocast.
+Collectives run only when torch.distributed is initialised and the group has more than one rank;
+nothing here creates a process group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _world(group) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce_(t: Tensor, group) -> Tensor:
+    if _world(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _logsumexp_over_samples(logq: Tensor, group) -> Tensor:
+    """log(sum over the global batch) of exp(logq) [K, B_local] -> [K, 1]."""
+    if logq.shape[1]:
+        m = logq.amax(dim=1, keepdim=True)
+    else:
+        m = logq.new_full((logq.shape[0], 1), float("-inf"))
+    if _world(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = _all_reduce_(torch.exp(logq - m).sum(dim=1, keepdim=True), group)
+    return m + torch.log(s)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3,
+                   process_group=None, n_rows_global: int | Tensor | None = None) -> Tensor:
+    """Sinkhorn-Knopp centering of teacher logits [B, K] -> assignment probabilities [B, K].
+
+    The reference's algorithm (Q = exp(logits / T); alternately normalise prototypes to 1/K and
+    samples to 1/B; return B * Q), computed in the log domain so that sharp logits cannot underflow
+    to 0/0. With several ranks in `process_group`, the prototype sums run over the global batch,
+    so splitting a batch across ranks (also unequally, e.g. masked tokens) gives the 1-rank result.
+    Each returned row sums to 1; columns sum to about B/K (exactly in the limit of iterations).
+    `n_rows_global` is accepted for API symmetry: the result does not depend on it.
+    """
+    del n_rows_global  # B only rescales the sample step and cancels in the final B * Q
+    logq = (teacher_logits.float() / teacher_temp).t()  # K x B_local
+    K = logq.shape[0]
+    for _ in range(n_iterations):
+        logq = logq - _logsumexp_over_samples(logq, process_group) - math.log(K)
+        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True)  # each sample sums to 1
+    return torch.exp(logq).t()
+
+
+@torch.no_grad()
+def softmax_center(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center_(center: Tensor, teacher_logits: Tensor, momentum: float, process_group=None) -> None:
+    """EMA centre update with the (global) batch mean of the teacher logits."""
+    logits = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
+    s = _all_reduce_(logits.sum(dim=0, keepdim=True), process_group)
+    n = _all_reduce_(torch.tensor(float(logits.shape[0]), device=logits.device), process_group)
+    center.mul_(momentum).add_(s / n.clamp(min=1.0), alpha=1.0 - momentum)
+
+
+def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
+    """Per-row cross entropy -sum(t * log_softmax(s / T)) -> [N]."""
+    lsm = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -(teacher_probs.float() * lsm).sum(dim=-1)
+
+
+def dino_loss(student_chunks: list[Tensor], teacher_chunks: list[Tensor], student_temp: float = 0.1) -> Tensor:
+    """Sum over every (student chunk, teacher chunk) pair of the mean cross entropy."""
+    total = student_chunks[0].new_zeros((), dtype=torch.float32) if student_chunks else torch.zeros(())
+    for s in student_chunks:
+        lsm = F.log_softmax(s.float() / student_temp, dim=-1)
+        for t in teacher_chunks:
+            total = total - (t.float() * lsm).sum(dim=-1).mean()
+    return total
+
+
+def ibot_loss(student_masked_logits: Tensor, teacher_masked_probs: Tensor, masks_weight: Tensor,
+              n_images: int, student_temp: float = 0.1) -> Tensor:
+    """iBOT masked-patch loss: per-token cross entropy on masked tokens only, each image's tokens
+    weighted 1/(number masked in that image), summed and divided by the number of images."""
+    ce = cross_entropy(teacher_masked_probs, student_masked_logits, student_temp)
+    return (ce * masks_weight.float()).sum() / max(int(n_images), 1)
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko entropy regulariser on L2-normalised rows of x [B, D]:
+    -mean(log(distance to the nearest neighbour)).
+
+    Stays finite where the reference does not: 0 for fewer than 2 points, and the distance is
+    sqrt(squared distance + eps), so duplicates give -log(sqrt(eps)) with finite gradients while
+    near-duplicates are still pushed apart.
+    """
+    if x.shape[0] < 2:
+        return x.sum() * 0.0
+    x = F.normalize(x.float(), p=2, dim=-1, eps=1e-8)
+    with torch.no_grad():
+        dots = x @ x.t()
+        dots.fill_diagonal_(-2.0)
+        nn_idx = dots.argmax(dim=1)
+    sq = (x - x[nn_idx]).square().sum(dim=-1)
+    return -0.5 * torch.log(sq + eps).mean()
+
+
+def gram_loss(student_patches: Tensor, target_patches: Tensor) -> Tensor:
+    """Gram anchoring (DINOv3): MSE between the patch-similarity (Gram) matrices of L2-normalised
+    student and Gram-teacher patch features, per image. Inputs [B, N, D]."""
+    s = F.normalize(student_patches.float(), dim=-1)
+    t = F.normalize(target_patches.float(), dim=-1)
+    return (s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).square().mean()
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Mean entropy (nats) of the rows of a probability matrix."""
+    p = probs.float().clamp(min=1e-12)
+    return -(p * p.log()).sum(dim=-1).mean()

@@ -1,0 +1,102 @@
+"""iBOT block masking (as in BEiT / DINOv2), driven by an explicit torch.Generator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def _randint(g: torch.Generator, lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi] inclusive."""
+    return int(torch.randint(lo, hi + 1, (), generator=g))
+
+
+class MaskGenerator:
+    """Block masks on an h x w patch grid: rectangles of at least `min_num_patches` patches with
+    aspect ratio in [min_aspect, 1/min_aspect], added until the requested count is reached;
+    at most `max_num_patches` new patches per block (default: half the grid)."""
+
+    def __init__(self, grid: int | tuple[int, int], min_num_patches: int = 4,
+                 max_num_patches: int | None = None, min_aspect: float = 0.3,
+                 max_aspect: float | None = None):
+        self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        self.num_patches = self.height * self.width
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = (0.5 * self.num_patches) if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1.0 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def _add_block(self, mask: Tensor, max_patches: float, g: torch.Generator) -> int:
+        for _ in range(10):
+            area = _uniform(g, self.min_num_patches, max_patches)
+            aspect = math.exp(_uniform(g, *self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if h * w < self.min_num_patches:  # rounding can shrink a block below the minimum
+                continue
+            if w < self.width and h < self.height:
+                top = _randint(g, 0, self.height - h)
+                left = _randint(g, 0, self.width - w)
+                region = mask[top:top + h, left:left + w]
+                new = h * w - int(region.sum())
+                if 0 < new <= max_patches:
+                    region.fill_(True)
+                    return new
+        return 0
+
+    def __call__(self, num_masking_patches: int, generator: torch.Generator) -> Tensor:
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while count < num_masking_patches:
+            max_patches = min(num_masking_patches - count, self.max_num_patches)
+            delta = self._add_block(mask, max_patches, generator)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+
+def collate_masks(n_crops: int, grid: int | tuple[int, int], generator: torch.Generator,
+                  mask_ratio_min_max: tuple[float, float] = (0.1, 0.5), mask_probability: float = 0.5,
+                  mask_generator: MaskGenerator | None = None) -> dict[str, Tensor]:
+    """Masks for `n_crops` global crops (crop-major order does not matter: they are shuffled).
+
+    A fraction `mask_probability` of the crops is masked; their target ratios are stratified over
+    linspace(min, max, n_masked + 1) (one uniform draw per stratum); the rest get empty masks.
+    Returns the batch keys masks, mask_indices_list, masks_weight, n_masked_patches, upperbound.
+    """
+    gen = mask_generator or MaskGenerator(grid)
+    n_tokens = gen.num_patches
+    n_masked = int(n_crops * mask_probability)
+    probs = torch.linspace(mask_ratio_min_max[0], mask_ratio_min_max[1], n_masked + 1).tolist()
+    masks, upperbound = [], 0
+    for i in range(n_masked):
+        ratio = _uniform(generator, probs[i], probs[i + 1])
+        masks.append(gen(int(n_tokens * ratio), generator))
+        upperbound += int(n_tokens * probs[i + 1])
+    masks += [torch.zeros(gen.height, gen.width, dtype=torch.bool) for _ in range(n_crops - n_masked)]
+    order = torch.randperm(n_crops, generator=generator).tolist()
+    collated = torch.stack([masks[i] for i in order]).flatten(1) if n_crops else \
+        torch.zeros(0, n_tokens, dtype=torch.bool)
+    return mask_batch_fields(collated, upperbound)
+
+
+def mask_batch_fields(masks: Tensor, upperbound: int | None = None) -> dict[str, Tensor]:
+    """Derived batch fields for bool masks [n_crops, N]."""
+    masks = masks.bool()
+    idx = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1).clamp(min=1).float()
+    weight = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]
+    return {
+        "masks": masks,
+        "mask_indices_list": idx,
+        "masks_weight": weight.float(),
+        "n_masked_patches": torch.tensor([idx.numel()], dtype=torch.long),
+        "upperbound": torch.tensor([idx.numel() if upperbound is None else upperbound], dtype=torch.long),
+    }
