@@ -1,0 +1,237 @@
+"""fsspec helpers shared by the shard builder and the training loader.
+
+- `fs_for(url, storage_options)` -> (fsspec filesystem, path). For s3:// the endpoint and region come
+  from the standard AWS environment variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION);
+  keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (read by botocore itself, never copied
+  into our objects) or from `storage_options` (job spec). Timeouts are bounded so that an unreachable
+  bucket fails with a clear error instead of hanging.
+- `register_s3_opener()` teaches webdataset's `gopen` to open s3://, gs://, gcs://, az://, abfs://
+  and memory:// URLs through fsspec (webdataset only ships curl/gsutil pipes for some of them).
+- `atomic_write_bytes(url, data)` / `atomic_put_file(local, url)`: a reader never sees a half-written
+  object. Local files: write a temporary file in the same folder, fsync, then os.replace. Object
+  stores: a PUT (single or multipart) only becomes visible when complete, so we write directly.
+- `redact(obj)` removes credentials from strings, URLs and (nested) dicts before anything is logged
+  or written to index.json.
+
+No entrypoint; used by `dinoray shards ...` and `orchestrator.loader`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any
+
+import fsspec
+
+# Object stores where a single PUT is atomic (the object appears only once fully written).
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "GOOGLE_APPLICATION_CREDENTIALS_JSON", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING")
+_SECRET_KEY_RE = re.compile(r"(key|secret|token|password|passwd|credential|signature|auth)", re.I)
+_URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_QUERY_SECRET_RE = re.compile(r"(?i)((?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|token|key)=)[^&\s]+")
+# Bounded network behaviour for S3: a dead endpoint fails in seconds, not minutes.
+S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+
+
+def protocol_of(url: str) -> str:
+    """'s3' for s3://b/k, 'file' for /a/b or file:///a/b."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def s3_options_from_env(env: dict | None = None) -> dict:
+    """storage_options for s3fs built from the standard AWS environment (endpoint and region only)."""
+    env = os.environ if env is None else env
+    opts: dict[str, Any] = {"config_kwargs": dict(S3_CONFIG)}
+    client: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client["region_name"] = region
+    if client:
+        opts["client_kwargs"] = client
+    return opts
+
+
+def _merge(base: dict, extra: dict | None) -> dict:
+    out = dict(base)
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def storage_options_for(url: str, storage_options: dict | None = None) -> dict:
+    """Effective fsspec options: environment defaults for s3, overridden by explicit storage_options."""
+    if protocol_of(url) in ("s3", "s3a"):
+        opts = s3_options_from_env()
+        # s3fs also accepts endpoint_url at top level; normalise it into client_kwargs.
+        so = dict(storage_options or {})
+        if "endpoint_url" in so:
+            so.setdefault("client_kwargs", {})["endpoint_url"] = so.pop("endpoint_url")
+        return _merge(opts, so)
+    return dict(storage_options or {})
+
+
+def fs_for(url: str, storage_options: dict | None = None):
+    """Return (fsspec filesystem, path inside it) for a local path or any fsspec URL."""
+    if not url:
+        raise ValueError("empty storage URL; give a local path or an fsspec URL such as s3://bucket/prefix")
+    opts = storage_options_for(url, storage_options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"cannot open storage URL {redact(url)!r}: {redact(str(e))} "
+                         f"(install the fsspec backend for {protocol_of(url)}:// or fix the URL)") from None
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL/path components with '/' (no normalisation of the scheme part)."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def describe_error(url: str, exc: BaseException) -> str:
+    """One line explaining a storage failure, credentials removed, with a hint how to fix it."""
+    hint = ""
+    if protocol_of(url) in ("s3", "s3a"):
+        ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
+        hint = (f" [endpoint {ep}; check the bucket name, AWS_ENDPOINT_URL, AWS_REGION and that "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are set and valid]")
+    return redact(f"{type(exc).__name__} on {url}: {exc}{hint}")
+
+
+# ----------------------------------------------------------------------------------------- writes
+
+def _tmp_name(path: str) -> str:
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write `data` to `url` so that readers see either nothing/the old object or the complete new one."""
+    proto = protocol_of(url)
+    fs, path = fs_for(url, storage_options)
+    if proto == "file":
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        tmp = _tmp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    if proto in _OBJECT_STORES:
+        fs.pipe_file(path, data)
+        return
+    tmp = _tmp_name(path)
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def atomic_put_file(local_path: str, url: str, storage_options: dict | None = None, move: bool = False) -> None:
+    """Commit a finished local file to `url` atomically (rename locally, single/multipart PUT remotely).
+
+    move=True lets a local destination on the same filesystem take the file by rename (no copy).
+    """
+    proto = protocol_of(url)
+    fs, path = fs_for(url, storage_options)
+    if proto == "file":
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        if move:
+            try:
+                os.replace(local_path, path)
+                return
+            except OSError:
+                pass  # other filesystem: copy below
+        tmp = _tmp_name(path)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    if proto in _OBJECT_STORES:
+        fs.put_file(local_path, path)
+        return
+    tmp = _tmp_name(path)
+    fs.put_file(local_path, tmp)
+    fs.mv(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ webdataset
+
+def open_url(url: str, mode: str = "rb", storage_options: dict | None = None, block_size: int = 1 << 23):
+    """Open a file-like object for reading/writing through fsspec (sequential, large read-ahead)."""
+    fs, path = fs_for(url, storage_options)
+    if protocol_of(url) == "file":
+        return open(path, mode)
+    return fs.open(path, mode, block_size=block_size, cache_type="readahead")
+
+
+def gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
+    """webdataset gopen handler: open any fsspec URL (credentials from env / storage_options)."""
+    return open_url(url, mode, storage_options=kw.get("storage_options"))
+
+
+def register_s3_opener(schemes=("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")) -> None:
+    """Register `gopen_fsspec` in webdataset's dispatch table for object-store schemes (idempotent)."""
+    import importlib
+
+    wds_gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
+    for s in schemes:
+        wds_gopen.gopen_schemes[s] = gopen_fsspec
+
+
+# ------------------------------------------------------------------------------------- redaction
+
+def _secret_values() -> list[str]:
+    vals = [os.environ.get(k, "") for k in _SECRET_ENV]
+    return [v for v in vals if len(v) >= 4]
+
+
+def redact(obj: Any, extra_secrets: tuple[str, ...] = ()) -> Any:
+    """Return a copy of `obj` with credentials replaced by '***'.
+
+    Strings: values of the AWS/GCS/Azure secret env vars, URL user-info (user:pass@) and signed-URL
+    query parameters. Dicts: any key that looks like a secret (key/secret/token/password/...); other
+    values are redacted recursively. Lists/tuples recursively.
+    """
+    secrets = _secret_values() + [s for s in extra_secrets if s]
+    if isinstance(obj, str):
+        s = obj
+        for v in secrets:
+            s = s.replace(v, "***")
+        s = _URL_USERINFO_RE.sub(lambda m: m.group("scheme") + "***@", s)
+        return _QUERY_SECRET_RE.sub(lambda m: m.group(1) + "***", s)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, str) and _SECRET_KEY_RE.search(k) and isinstance(v, (str, bytes, int)):
+                out[k] = "***"
+            else:
+                out[k] = redact(v, extra_secrets)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, extra_secrets) for v in obj)
+    return obj

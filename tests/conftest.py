@@ -1,0 +1,36 @@
+"""Shared pytest fixtures (keep each one small)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR_TEST_TAR = SHARED / "data" / "cifar10" / "test.tar"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`) on 127.0.0.1 with test credentials set in the env.
+
+    Yields dict(endpoint_url, key, secret, bucket); restores the environment and stops it afterwards.
+    """
+    from s3server import S3Server
+
+    srv = S3Server(tmp_path_factory.mktemp("weed")).start()
+    saved = {k: os.environ.get(k) for k in srv.env()}
+    os.environ.update(srv.env())
+    try:
+        yield {"endpoint_url": srv.endpoint_url, "key": srv.key, "secret": srv.secret, "bucket": srv.bucket}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        srv.stop()
