@@ -34,3 +34,20 @@ def s3_server(tmp_path_factory):
             else:
                 os.environ[k] = v
         srv.stop()
+
+
+@pytest.fixture
+def prometheus_server(tmp_path):
+    """Factory: prometheus_server(["127.0.0.1:PORT"]) starts a real Prometheus (project config, 1 s scrape)
+    on 127.0.0.1 scraping those targets; returns a tests/promserver.PrometheusServer; stopped afterwards."""
+    from promserver import PrometheusServer
+
+    servers = []
+
+    def start(targets, interval="1s"):
+        servers.append(PrometheusServer(targets, tmp_path / f"prometheus{len(servers)}", interval).start())
+        return servers[-1]
+
+    yield start
+    for srv in servers:
+        srv.stop()
