@@ -1,0 +1,239 @@
+"""infra/: alert rules (promtool), Grafana queries vs exported metrics, KubeRay manifests, Dockerfile.
+
+    .venv/bin/python -m pytest tests/test_infra.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+RULES = INFRA / "prometheus" / "rules" / "dinoray.rules.yml"
+SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+K8S_VERSION = "1.32"
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
+                "and", "or", "unless", "Inf", "NaN", "inf", "nan"}
+BUILTIN_SERIES = {"up"}  # written by Prometheus itself
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression reads (strings, matchers, ranges, grouping labels, functions removed)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.$])[a-zA-Z_:][\w:]*", e):
+        if e[m.end():].lstrip().startswith("(") or m.group() in PROMQL_WORDS:
+            continue
+        names.add(m.group())
+    return names
+
+
+def _rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads((INFRA / "grafana" / "dinoray-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        q = var.get("query")
+        if isinstance(q, dict):
+            exprs.append(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", q["query"]))
+    return exprs
+
+
+def test_promql_name_extraction():
+    expr = ('histogram_quantile(0.9, sum by (le, phase) (rate(ray_dinoray_step_seconds_bucket{run=~"$run"}'
+            '[$__rate_interval]))) + time() - max(x_total offset 5m) or abs(up) == +Inf')
+    assert promql_metric_names(expr) == {"ray_dinoray_step_seconds_bucket", "x_total", "up"}
+
+
+def test_dashboard_and_alert_queries_use_exported_metrics():
+    exported = metrics.exported_names()
+    exprs = _dashboard_exprs() + [r["expr"] for r in _rules()]
+    assert len(exprs) > 20
+    used = set()
+    for expr in exprs:
+        names = promql_metric_names(expr)
+        assert names, f"no metric in {expr!r}"
+        unknown = names - exported - BUILTIN_SERIES
+        assert not unknown, f"{expr!r} reads {unknown}, which orchestrator/metrics.py does not export"
+        used |= names
+    # the dashboard covers the issue's panels
+    dash = json.loads((INFRA / "grafana" / "dinoray-dashboard.json").read_text())
+    titles = " | ".join(p["title"].lower() for p in dash["panels"])
+    for word in ("loss", "learning rate", "weight decay", "momentum", "temperature", "images/s", "mfu",
+                 "data wait", "step time quantiles", "checkpoint age", "k-nn", "phase timeline"):
+        assert word in titles, word
+    assert {"ray_dinoray_loss", "ray_dinoray_knn_accuracy", "ray_dinoray_phase_state",
+            "ray_dinoray_step_seconds_bucket"} <= used
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_alert_has_a_promtool_unit_test():
+    alerts = {r["alert"] for r in _rules()}
+    assert alerts == {"DinorayTrainingStalled", "DinorayNonFiniteLoss", "DinorayDataStarvation",
+                      "DinorayCheckpointTooOld", "DinorayRunFailed", "DinorayTargetDown"}
+    tested = {}
+    for f in sorted((INFRA / "prometheus" / "tests").glob("*.yml")):
+        for t in yaml.safe_load(f.read_text())["tests"]:
+            for a in t["alert_rule_test"]:
+                tested.setdefault(a["alertname"], []).append(bool(a["exp_alerts"]))
+    for alert in alerts:  # each one is seen firing and seen quiet
+        assert set(tested.get(alert, [])) == {True, False}, alert
+
+
+@pytest.mark.prometheus
+def test_promtool_check_and_unit_tests():
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: run `make prometheus`"
+    check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    conf = subprocess.run([promtool, "check", "config", str(INFRA / "prometheus" / "prometheus.yml")],
+                          capture_output=True, text=True)
+    assert conf.returncode == 0, conf.stdout + conf.stderr
+    tests = sorted(str(p) for p in (INFRA / "prometheus" / "tests").glob("*.yml"))
+    run = subprocess.run([promtool, "test", "rules", *tests], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("SUCCESS") == len(tests) == 6
+
+
+# --------------------------------------------------------------------------- KubeRay
+def _yaml(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((INFRA / name).read_text()) if d]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _pin(pkg: str) -> str:
+    (dep,) = [d for d in _pyproject()["project"]["dependencies"] if re.match(rf"{re.escape(pkg)}(\[|=)", d)]
+    return dep.split("==")[1]
+
+
+def _cluster_specs():
+    (job,) = _yaml("kuberay/rayjob-vitg14.yaml")
+    (cluster,) = _yaml("kuberay/raycluster-interactive.yaml")
+    return job, cluster, [job["spec"]["rayClusterSpec"], cluster["spec"]]
+
+
+def test_kuberay_manifests_match_the_crd_schemas():
+    from jsonschema import Draft7Validator
+
+    job, cluster, _ = _cluster_specs()
+    for doc, schema in ((job, "rayjob_v1"), (cluster, "raycluster_v1")):
+        validator = Draft7Validator(json.loads((SCHEMAS / f"{schema}.schema.json").read_text()))
+        errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, errors
+    # the schema catches a wrong type, so the check above could fail
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = "32"
+    assert list(Draft7Validator(json.loads((SCHEMAS / "rayjob_v1.schema.json").read_text())).iter_errors(bad))
+
+
+def test_core_objects_match_the_kubernetes_schemas():
+    import kubernetes_validate as kv
+
+    (secret,) = _yaml("kuberay/s3-secret.example.yaml")
+    kv.validate(secret, K8S_VERSION, strict=True)
+    _, _, specs = _cluster_specs()
+    for spec in specs:
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                         "template": group["template"]}, K8S_VERSION, strict=True)
+    with pytest.raises(kv.ValidationError):
+        kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                     "template": {"spec": {"containers": [{"name": "x", "imagee": "y"}]}}}, K8S_VERSION, strict=True)
+
+
+def test_kuberay_fields_that_matter():
+    job, cluster, specs = _cluster_specs()
+    version = _pyproject()["project"]["version"]
+    (secret,) = _yaml("kuberay/s3-secret.example.yaml")
+    secret_keys = set(secret["stringData"])
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secret_keys
+    assert all(v in ("REPLACE_ME", "", "us-east-1") for v in secret["stringData"].values())  # no real creds
+
+    # RayJob: entrypoint, lifecycle
+    entry = job["spec"]["entrypoint"]
+    assert "dinoray run jobs/vitg14_pipeline.yaml" in entry and (REPO / "jobs/vitg14_pipeline.yaml").exists()
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    job_spec = yaml.safe_load((REPO / "jobs/vitg14_pipeline.yaml").read_text())
+
+    for spec in specs:
+        assert spec["rayVersion"] == _pin("ray")
+        head, workers = spec["headGroupSpec"], spec["workerGroupSpecs"]
+        hc = head["template"]["spec"]["containers"][0]
+        assert "nvidia.com/gpu" not in hc["resources"].get("limits", {})  # CPU head
+        for group in [head, *workers]:
+            pod = group["template"]["spec"]
+            (c,) = pod["containers"]
+            assert c["image"] == f"registry.example.com/dinoray:{version}"
+            assert {"name": "metrics", "containerPort": metrics.DEFAULT_METRICS_PORT} in c["ports"]
+            assert group["rayStartParams"]["metrics-export-port"] == str(metrics.DEFAULT_METRICS_PORT)
+            assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(refs)
+            assert all(r["name"] == secret["metadata"]["name"] and r["key"] in secret_keys for r in refs.values())
+            assert not [e for e in c["env"] if "AWS_SECRET" in e["name"] and "value" in e]
+            shm = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            (vol,) = [v for v in pod["volumes"] if v["name"] == shm[0]["name"]]
+            assert vol["emptyDir"]["medium"] == "Memory"
+            assert pod["terminationGracePeriodSeconds"] >= 60
+        for w in workers:
+            c = w["template"]["spec"]["containers"][0]
+            assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+            assert w["rayStartParams"]["num-gpus"] == "8"
+            assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
+            assert w["template"]["spec"]["terminationGracePeriodSeconds"] >= 300  # time for a checkpoint
+    # the RayJob's GPUs equal the job spec's training world size
+    (w,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert w["replicas"] * 8 == job_spec["num_workers"]
+
+
+def test_podmonitors_select_the_kuberay_pods():
+    monitors = _yaml("prometheus/podmonitors.yaml")
+    assert {m["kind"] for m in monitors} == {"PodMonitor"}
+    _, _, specs = _cluster_specs()
+    for node_type, key in (("head", "headGroupSpec"), ("worker", "workerGroupSpecs")):
+        (mon,) = [m for m in monitors if m["spec"]["selector"]["matchLabels"].get("ray.io/node-type") == node_type]
+        assert "dinoray" in mon["metadata"]["name"]  # job "<ns>/<name>" matches DinorayTargetDown
+        wanted = {k: v for k, v in mon["spec"]["selector"]["matchLabels"].items() if not k.startswith("ray.io/")}
+        for spec in specs:
+            groups = spec[key] if isinstance(spec[key], list) else [spec[key]]
+            for g in groups:
+                labels = g["template"]["metadata"]["labels"]
+                assert wanted.items() <= labels.items()
+                ports = {p["name"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+                assert {e["port"] for e in mon["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def test_dockerfile_pins_and_user():
+    text = (INFRA / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert base.startswith(f"pytorch/pytorch:{_pin('torch')}-cuda"), base
+    assert "runtime" in base or "devel" in base
+    assert re.search(r"^RUN pip install \.", text, re.M)
+    assert f"ray.__version__ == '{_pin('ray')}'" in text and f"== '{_pin('torch')}'" in text
+    for d in ("model", "orchestrator", "jobs"):
+        assert re.search(rf"^COPY {d} \./{d}$", text, re.M)
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert "WORKDIR /app" in text  # the RayJob entrypoint does `cd /app`

@@ -1,0 +1,143 @@
+"""orchestrator.metrics without Ray: JSON lines, series names/values (prometheus_client backend), errors.
+
+    .venv/bin/python -m pytest tests/test_metrics.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator import metrics
+
+
+def _samples(registry) -> dict:
+    """{(sample name, frozenset(labels)): value} of a registry's exposition text."""
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _val(samples, name, **labels):
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_record_writes_json_lines_and_series(tmp_path):
+    path = tmp_path / "sub" / "metrics.jsonl"
+    sm = metrics.StepMetrics("r1", "pretrain", str(path), backend="prometheus")
+    sm.record(1, {"loss": 2.5, "loss_ibot": 0.75, "lr": 1e-3, "step_s": 0.3, "data_wait_s": 0.02,
+                  "nonfinite_steps_total": 0, "mfu": 0.41})
+    sm.record(2, {"loss": float("nan"), "step_s": 0.5, "nonfinite_steps_total": 1})
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    assert lines[0]["loss"] == 2.5 and lines[0]["run"] == "r1" and lines[0]["phase"] == "pretrain"
+    assert lines[1]["loss"] == "nan"  # valid JSON; float("nan") reads it back
+
+    s = _samples(sm.registry)
+    lab = {"run": "r1", "phase": "pretrain"}
+    assert _val(s, "ray_dinoray_step", **lab) == 2
+    assert math.isnan(_val(s, "ray_dinoray_loss", component="total", **lab))
+    assert _val(s, "ray_dinoray_loss", component="ibot", **lab) == 0.75
+    assert _val(s, "ray_dinoray_mfu", **lab) == pytest.approx(0.41)
+    assert _val(s, "ray_dinoray_nonfinite_steps_total", **lab) == 1
+    assert _val(s, "ray_dinoray_samples_skipped_total", **lab) == 0  # exists from the start
+    assert _val(s, "ray_dinoray_step_seconds_count", **lab) == 2
+    assert _val(s, "ray_dinoray_step_seconds_sum", **lab) == pytest.approx(0.8)
+    assert _val(s, "ray_dinoray_step_seconds_bucket", le="0.5", **lab) == 2
+    assert _val(s, "ray_dinoray_step_seconds_bucket", le="0.25", **lab) == 0
+    assert _val(s, "ray_dinoray_data_wait_seconds_count", **lab) == 1
+    # every exported name is declared (and carries dinoray_); labels stay low-cardinality
+    names = {n for n, _ in s if not n.endswith("_created")}
+    assert names <= metrics.exported_names(), names - metrics.exported_names()
+    assert all("dinoray_" in n for n in metrics.exported_names())
+    allowed = {"run", "phase", "kind", "component", "k", "state", "le"}
+    assert all({k for k, _ in labels} <= allowed for _, labels in s)
+
+
+def test_every_record_key_maps_to_a_declared_metric():
+    contract = ("loss loss_dino_global loss_dino_local loss_ibot loss_koleo loss_gram lr wd momentum teacher_temp "
+                "images_per_s step_s data_wait_s grad_norm mfu samples_skipped_total nonfinite_steps_total "
+                "rollbacks_total ckpt_save_s ckpt_stall_s last_ckpt_unixtime gpu_mem_bytes").split()
+    assert set(contract) <= set(metrics.RECORD_KEYS)
+    assert all(name in metrics.METRIC_NAMES for name, _ in metrics.RECORD_KEYS.values())
+    sm = metrics.StepMetrics("r", "p", backend="prometheus")
+    sm.record(3, {k: 1.0 for k in metrics.RECORD_KEYS})
+    assert _val(_samples(sm.registry), "ray_dinoray_gpu_memory_bytes", run="r", phase="p") == 1.0
+
+
+def test_unknown_key_is_rejected_with_a_suggestion():
+    sm = metrics.StepMetrics("r", "p", backend="none")
+    with pytest.raises(ValueError, match=r"'los' \(did you mean 'loss'\?\)"):
+        sm.record(1, {"los": 1.0})
+    with pytest.raises(ValueError, match="non-empty run"):
+        metrics.StepMetrics("", "p", backend="none")
+
+
+def test_checkpoint_interval_from_steps_and_seconds():
+    sm = metrics.StepMetrics("r", "p", checkpoint_every_steps=100, backend="prometheus")
+    sm.record(1, {"step_s": 1.0})
+    sm.record(2, {"step_s": 3.0})
+    s = _samples(sm.registry)
+    assert _val(s, "ray_dinoray_checkpoint_interval_seconds", run="r", phase="p") == pytest.approx(200.0)
+    sm2 = metrics.StepMetrics("r", "q", checkpoint_interval_s=900, backend="prometheus")
+    sm2.record(1, {"last_ckpt_unixtime": 1234.0})
+    s2 = _samples(sm2.registry)
+    assert _val(s2, "ray_dinoray_checkpoint_interval_seconds", run="r", phase="q") == 900
+    assert _val(s2, "ray_dinoray_last_checkpoint_timestamp_seconds", run="r", phase="q") == 1234.0
+
+
+def test_pipeline_metrics_states_progress_knn():
+    pm = metrics.PipelineMetrics("run7", backend="prometheus")
+    pm.phase_state("pretrain", "pretrain", "running")
+    pm.phase_state("pretrain", "pretrain", "done")
+    pm.progress(0.25)
+    pm.knn("eval", 20, 0.8125)
+    s = _samples(pm.registry)
+    states = {st: _val(s, "ray_dinoray_phase_state", run="run7", phase="pretrain", kind="pretrain", state=st)
+              for st in metrics.PHASE_STATES}
+    assert states == {"pending": 0, "running": 0, "done": 1, "failed": 0}
+    assert _val(s, "ray_dinoray_pipeline_progress", run="run7") == 0.25
+    assert _val(s, "ray_dinoray_knn_accuracy", run="run7", phase="eval", k="20") == 0.8125
+    with pytest.raises(ValueError, match="not one of"):
+        pm.phase_state("pretrain", "pretrain", "exploded")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pm.progress(1.5)
+
+
+def test_scrape_url_port_and_mfu(monkeypatch):
+    monkeypatch.delenv("DINORAY_METRICS_PORT", raising=False)
+    assert metrics.local_scrape_url() == "http://127.0.0.1:8080/metrics"
+    assert metrics.ray_init_kwargs() == {"_metrics_export_port": 8080}
+    monkeypatch.setenv("DINORAY_METRICS_PORT", "9123")
+    assert metrics.local_scrape_url() == "http://127.0.0.1:9123/metrics"
+    assert metrics.ray_init_kwargs(report_interval_ms=1000)["_system_config"] == {"metrics_report_interval_ms": 1000}
+    monkeypatch.setenv("DINORAY_METRICS_PORT", "http")
+    with pytest.raises(ValueError, match="DINORAY_METRICS_PORT"):
+        metrics.metrics_port()
+    # 1e12 FLOPs/image at 100 images/s on 2 GPUs of 1e14 peak: 50%
+    assert metrics.mfu(1e12, 100.0, 2, 1e14) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="peak"):
+        metrics.mfu(1e12, 100.0, 2, 0)
+
+
+def test_serve_http_exposes_the_registry():
+    import urllib.request
+
+    from promserver import free_port
+
+    sm = metrics.StepMetrics("srv", "p", backend="prometheus")
+    sm.record(5, {"loss": 1.0})
+    port = free_port()
+    server, thread = metrics.serve_http(sm.registry, port)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+    assert 'ray_dinoray_step{phase="p",run="srv"} 5.0' in body
