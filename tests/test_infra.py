@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -112,18 +111,26 @@ def test_promtool_check_and_unit_tests():
     assert run.stdout.count("SUCCESS") == len(tests) == 6
 
 
+def test_local_scrape_config_targets_the_documented_port():
+    cfg = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    (job,) = cfg["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{metrics.DEFAULT_METRICS_PORT}"]
+    assert metrics.local_scrape_url(metrics.DEFAULT_METRICS_PORT).endswith(
+        f"{job['static_configs'][0]['targets'][0]}{job['metrics_path']}")
+
+
 # --------------------------------------------------------------------------- KubeRay
 def _yaml(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((INFRA / name).read_text()) if d]
 
 
-def _pyproject() -> dict:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
+def _project_version() -> str:
+    return re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
 
 
 def _pin(pkg: str) -> str:
-    (dep,) = [d for d in _pyproject()["project"]["dependencies"] if re.match(rf"{re.escape(pkg)}(\[|=)", d)]
-    return dep.split("==")[1]
+    """The == pin of a dependency in pyproject.toml (tomllib needs Python 3.11; the project allows 3.10)."""
+    return re.search(rf'"{re.escape(pkg)}(?:\[[^\]]*\])?==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
 
 
 def _cluster_specs():
@@ -163,7 +170,7 @@ def test_core_objects_match_the_kubernetes_schemas():
 
 def test_kuberay_fields_that_matter():
     job, cluster, specs = _cluster_specs()
-    version = _pyproject()["project"]["version"]
+    version = _project_version()
     (secret,) = _yaml("kuberay/s3-secret.example.yaml")
     secret_keys = set(secret["stringData"])
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secret_keys

@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator import metrics
 
@@ -137,10 +136,3 @@ def test_set_once_gauges_survive_ray_gauge_expiry(ray_metrics_port):
         time.sleep(1)
     assert 'run="expiry"' not in _scrape(ray_metrics_port)
 
-
-def test_local_scrape_config_targets_the_documented_port():
-    cfg = yaml.safe_load((REPO / "infra/prometheus/prometheus.yml").read_text())
-    (job,) = cfg["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{metrics.DEFAULT_METRICS_PORT}"]
-    assert metrics.local_scrape_url(metrics.DEFAULT_METRICS_PORT).endswith(
-        f"{job['static_configs'][0]['targets'][0]}{job['metrics_path']}")
