@@ -134,6 +134,7 @@ class DebugCfg:
     nan_steps: list[int] = field(default_factory=list)  # rank 0 poisons its batch with NaN at these steps
     kill_at_step: int = -1           # rank 0's worker SIGKILLs itself once when it reaches this step
     step_sleep_s: float = 0.0        # slow each step down (lets tests interrupt a run mid-phase)
+    trace_samples: bool = False      # (TRAIN) each rank appends per-step batch fingerprints to {run}/trace/rank<r>.jsonl
 
 
 @dataclass
