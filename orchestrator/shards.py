@@ -4,8 +4,8 @@
     dinoray shards verify DST [--workers 4]
     (or: python -m orchestrator.shards build SRC DST / python -m orchestrator.shards verify DST)
 
-SRC: an image folder (label = first sub-folder below the common root; none when flat), a .tar of such
-a folder, or a text file listing image paths/URLs one per line (optional TAB + label). DST: a local
+SRC: an image folder (label = name of the first sub-folder; none for images at the top), a .tar of
+such a folder (a single top-level folder in the tar is its root), or a text file listing image paths/URLs one per line (optional TAB + label). DST: a local
 path or any fsspec URL (s3://, gs://, file://). Credentials come from the environment only.
 
 Output: DST/shard-000000.tar, ... (members `<key>.<jpg|png|...>` holding the original bytes, never
@@ -68,7 +68,7 @@ class Source:
                 for m in tf.getmembers():
                     if m.isreg() and os.path.splitext(m.name)[1].lower() in IMAGE_EXTS:
                         self.members[m.name] = (m.offset_data, m.size)
-            self.entries = _label_by_dir([(n, self.members[n][1]) for n in sorted(self.members)])
+            self.entries = _label_by_dir([(n, self.members[n][1]) for n in sorted(self.members)], strip_top=True)
         else:
             self.kind = "list"
             text = self.fs.cat_file(self.path).decode("utf-8")
@@ -102,18 +102,16 @@ class Source:
         return self.fs.cat_file(storage.join(self.base, ref) if self.base else ref)
 
 
-def _label_by_dir(items):
-    """Label = first directory component below the common directory prefix of all images."""
-    dirs = [os.path.dirname(r).split("/") if os.path.dirname(r) else [] for r, _ in items]
-    common = 0
-    if dirs:
-        first = dirs[0]
-        while common < len(first) and all(len(d) > common and d[common] == first[common] for d in dirs):
-            common += 1
-    out = []
-    for (r, size), d in zip(items, dirs):
-        out.append((r, d[common] if len(d) > common else None, size))
-    return out
+def _label_by_dir(items, strip_top: bool = False):
+    """Label = first directory below the root (None for images at the root).
+
+    strip_top (tar sources): a single top-level folder shared by every member ("test/cat/1.jpg") is the
+    root, as when a folder is tarred.
+    """
+    parts = [r.split("/")[:-1] for r, _ in items]
+    if strip_top and parts and all(p and p[0] == parts[0][0] for p in parts):
+        parts = [p[1:] for p in parts]
+    return [(r, p[0] if p else None, size) for (r, size), p in zip(items, parts)]
 
 
 # -------------------------------------------------------------------------------- image checks

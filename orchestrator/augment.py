@@ -1,0 +1,274 @@
+"""DINOv2 multi-crop augmentation on uint8, fast on CPU (no torchvision needed).
+
+Same recipe and distribution as facebookresearch/dinov2 `DataAugmentationDINO` (PIL + torchvision):
+  geometric, per crop: RandomResizedCrop(size, scale, ratio=(3/4, 4/3), bicubic) + horizontal flip p=0.5
+  photometric, per crop: ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 (the 4 ops in a random order per crop),
+  grayscale p=0.2, Gaussian blur (kernel 9, sigma U(0.1, 2)) with p = 1.0 / 0.1 / 0.5 for the first
+  global / second global / local crops, solarize (threshold 128) p=0.2 on the second global crop.
+  ImageNet normalisation happens in the model (`model.normalize_images`), so crops stay uint8.
+
+Note on blur: the released dinov2 code wraps torchvision's RandomApply with keep_p = 1 - p, which
+in effect blurs with 0 / 0.9 / 0.5. We follow the paper/issue values (1.0 / 0.1 / 0.5) by default;
+pass blur_p=(0.0, 0.9, 0.5) to mimic the released code. bench/data.py uses the same values.
+
+Why it is fast (same outputs distribution, see tests/test_augment.py):
+  1. crop parameters are drawn from the JPEG header size before decoding, then the JPEG is decoded
+     with libjpeg-turbo DCT scaling (simplejpeg) at the smallest power-of-two scale that still gives
+     every crop at least its output resolution (no extra upsampling vs. full-size decode);
+  2. crop + resize per crop with torch's uint8 antialiased bicubic kernel (PIL's filter, a=-0.5);
+  3. photometric ops run batched over all crops of a batch, in float32 on contiguous channel planes,
+     branch-free (no torch.where / bool masks), grouped by the per-crop jitter order.
+  They can also run on an accelerator: `photometric(..., device="cuda")`.
+
+No entrypoint; used by orchestrator.loader and bench/data.py.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from itertools import permutations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+PERMS = list(permutations(range(4)))  # 24 orders of the 4 jitter ops
+GRAY = (0.299, 0.587, 0.114)
+
+DEFAULT_CROPS = {"global_size": 224, "local_size": 98, "n_global": 2, "n_local": 8,
+                 "global_scale": (0.32, 1.0), "local_scale": (0.05, 0.32)}
+
+
+def crop_params(rng: np.random.Generator, height: int, width: int, scale, ratio=RATIO):
+    """torchvision RandomResizedCrop.get_params with a numpy Generator: (top, left, h, w)."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_r[0], log_r[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the header, without decoding pixels."""
+    if data[:3] == b"\xff\xd8\xff":
+        import simplejpeg
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            return h, w
+        except ValueError:
+            pass
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        return im.height, im.width
+
+
+def decode(data: bytes, min_h: int = 0, min_w: int = 0) -> np.ndarray:
+    """RGB uint8 HxWx3, at the smallest power-of-two JPEG scale with h >= min_h and w >= min_w."""
+    if data[:3] == b"\xff\xd8\xff":
+        import simplejpeg
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
+        except ValueError:
+            pass  # CMYK / unusual JPEGs: PIL below (raises for truly corrupt data)
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG" and (min_h or min_w):
+            im.draft("RGB", (max(min_w, 1), max(min_h, 1)))
+        return np.asarray(im.convert("RGB"))
+
+
+class MultiCrop:
+    """DINOv2 multi-crop. `crop_image` (per image, geometric) + `photometric` (batched, per crop)."""
+
+    def __init__(self, global_size=224, local_size=98, n_global=2, n_local=8, global_scale=(0.32, 1.0),
+                 local_scale=(0.05, 0.32), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2, jitter=JITTER,
+                 jitter_p=0.8, gray_p=0.2, dct_scaling=True):
+        if n_global < 1:
+            raise ValueError("crops.n_global must be >= 1 (DINOv2 uses 2)")
+        self.G, self.L, self.n_global, self.n_local = int(global_size), int(local_size), int(n_global), int(n_local)
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.blur_p, self.solarize_p = tuple(blur_p), solarize_p
+        self.jitter, self.jitter_p, self.gray_p = tuple(jitter), jitter_p, gray_p
+        self.dct_scaling = dct_scaling
+
+    @classmethod
+    def from_cfg(cls, crops: dict | None) -> "MultiCrop":
+        cfg = dict(DEFAULT_CROPS)
+        unknown = set(crops or {}) - set(cfg) - {"blur_p", "solarize_p", "jitter", "jitter_p", "gray_p", "dct_scaling"}
+        if unknown:
+            raise ValueError(f"unknown crops keys {sorted(unknown)}; known: {sorted(cfg)}")
+        cfg.update(crops or {})
+        return cls(**cfg)
+
+    # ------------------------------------------------------------------------------ geometric
+    def crop_image(self, data: bytes, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode + crop + resize + flip one image -> (uint8 [n_global,3,G,G], uint8 [n_local,3,L,L])."""
+        H, W = image_size(data)
+        boxes = [crop_params(rng, H, W, self.global_scale) for _ in range(self.n_global)]
+        boxes += [crop_params(rng, H, W, self.local_scale) for _ in range(self.n_local)]
+        sizes = [self.G] * self.n_global + [self.L] * self.n_local
+        flips = rng.random(len(boxes)) < 0.5
+        # smallest decode scale that keeps every crop at >= its output resolution
+        need = max(min(1.0, s / min(h, w)) for (_, _, h, w), s in zip(boxes, sizes))
+        factor = 1
+        if self.dct_scaling:
+            while factor < 8 and need * factor * 2 <= 1.0:
+                factor *= 2
+        img = decode(data, math.ceil(H / factor), math.ceil(W / factor)) if factor > 1 else decode(data)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"decoded image has shape {img.shape}, expected HxWx3")
+        hd, wd = img.shape[:2]
+        sy, sx = hd / H, wd / W
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0)
+        g = torch.empty(self.n_global, 3, self.G, self.G, dtype=torch.uint8)
+        loc = torch.empty(self.n_local, 3, self.L, self.L, dtype=torch.uint8)
+        for k, ((i, j, h, w), s, flip) in enumerate(zip(boxes, sizes, flips)):
+            y0, x0 = int(round(i * sy)), int(round(j * sx))
+            y1, x1 = max(y0 + 1, min(hd, int(round((i + h) * sy)))), max(x0 + 1, min(wd, int(round((j + w) * sx))))
+            crop = F.interpolate(t[:, :, y0:y1, x0:x1], size=(s, s), mode="bicubic", antialias=True,
+                                 align_corners=False)[0]
+            if flip:
+                crop = crop.flip(-1)
+            (g[k] if k < self.n_global else loc[k - self.n_global]).copy_(crop)
+        return g, loc
+
+    # ---------------------------------------------------------------------------- photometric
+    def sample_photometric(self, rng: np.random.Generator, n: int, kind: str) -> dict[str, np.ndarray]:
+        """Per-crop parameters. kind: 'global1' | 'global2' | 'local'."""
+        b, c, s, h = self.jitter
+        p = {"jitter": rng.random(n) < self.jitter_p, "perm": rng.integers(0, len(PERMS), n),
+             "b": rng.uniform(max(0.0, 1 - b), 1 + b, n), "c": rng.uniform(max(0.0, 1 - c), 1 + c, n),
+             "s": rng.uniform(max(0.0, 1 - s), 1 + s, n), "h": rng.uniform(-h, h, n),
+             "gray": rng.random(n) < self.gray_p}
+        bp = {"global1": self.blur_p[0], "global2": self.blur_p[1], "local": self.blur_p[2]}[kind]
+        p["blur"] = rng.random(n) < bp
+        p["sigma"] = rng.uniform(0.1, 2.0, n)
+        p["solarize"] = (rng.random(n) < self.solarize_p) if kind == "global2" else np.zeros(n, bool)
+        return p
+
+    def photometric(self, global_crops: torch.Tensor, local_crops: torch.Tensor, rng: np.random.Generator,
+                    device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Colour ops for crop-major batches (uint8 in, uint8 out; crop 0 of all images first)."""
+        B = global_crops.shape[0] // self.n_global
+        kinds = ["global1"] + ["global2"] * (self.n_global - 1)
+        params = [self.sample_photometric(rng, B, k) for k in kinds]
+        gp = {k: np.concatenate([p[k] for p in params]) for k in params[0]}
+        lp = self.sample_photometric(rng, local_crops.shape[0], "local")
+        return apply_photometric(global_crops, gp, device), apply_photometric(local_crops, lp, device)
+
+
+# ----------------------------------------------------------------------- batched colour kernels
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """x: [3, m, H, W] float -> [m, H, W] (ITU-R 601 luma, as PIL convert("L") / torchvision)."""
+    w = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3)
+    return torch.matmul(w, x.reshape(3, -1)).view(x.shape[1:])
+
+
+def _brightness(x, f):
+    return x.mul_(f.view(1, -1, 1, 1)).clamp_(0, 255)
+
+
+def _contrast(x, f):
+    w = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(3, 1)
+    mean = (x.mean(dim=(2, 3)) * w).sum(0).round_().view(1, -1, 1, 1)  # mean of the uint8 gray image
+    f = f.view(1, -1, 1, 1)
+    return x.mul_(f).add_(mean * (1 - f)).clamp_(0, 255)
+
+
+def _saturation(x, f):
+    f = f.view(1, -1, 1, 1)
+    return x.mul_(f).add_(_gray(x).unsqueeze(0) * (1 - f)).clamp_(0, 255)
+
+
+def _hue(x, f):
+    """HSV hue rotation (torchvision adjust_hue) without branches. x holds integer values 0..255."""
+    x.round_()  # PIL/torchvision work on uint8 between ops; also makes the max-channel test exact
+    r, g, b = x[0], x[1], x[2]
+    maxc, minc = x.amax(0), x.amin(0)
+    c = maxc - minc
+    ir = (r - maxc).add_(1).clamp_(0, 1)  # 1 where r is the max channel
+    ig = (g - maxc).add_(1).clamp_(0, 1).mul_(1 - ir)  # g is max (and r is not)
+    ib = 1 - ir - ig
+    # hue in sextants: (g-b)/c | 2+(b-r)/c | 4+(r-g)/c, then shifted and mapped to turns in [0, 2)
+    h = ir * (g - b)
+    h.addcmul_(ig, (b - r).add_(c, alpha=2)).addcmul_(ib, (r - g).add_(c, alpha=4))
+    h.mul_(c.clamp(min=1.0).reciprocal_()).add_(6 * f.view(-1, 1, 1) + 6).div_(6)
+    for ch, n in enumerate((5.0, 3.0, 1.0)):
+        k = (h + n / 6).frac_().sub_(1 / 3).abs_().mul_(-6).add_(2).clamp_(0, 1)  # hsv2rgb triangle
+        torch.addcmul(maxc, c, k, value=-1, out=x[ch])
+    return x
+
+
+def _solarize(x):
+    s = (x - 127).clamp_(0, 1)  # 1 where x >= 128 (integer-valued x)
+    return x.addcmul_(s, 255 - 2 * x)
+
+
+def _blur(x, sigma):
+    """Separable 9-tap Gaussian per crop (torchvision GaussianBlur(kernel_size=9)), reflect padding."""
+    m = x.shape[1]
+    t = torch.arange(-4, 5, dtype=torch.float32)
+    k = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    k = k / k.sum(1, keepdim=True)  # [m, 9]
+    for dim in (3, 2):
+        xp = F.pad(x, (4, 4, 0, 0) if dim == 3 else (0, 0, 4, 4), mode="reflect")
+        n = x.shape[dim]
+        out = xp.narrow(dim, 0, n) * k[:, 0].view(1, m, 1, 1)
+        for tap in range(1, 9):
+            out.addcmul_(xp.narrow(dim, tap, n), k[:, tap].view(1, m, 1, 1))
+        x = out
+    return x
+
+
+_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def apply_photometric(crops: torch.Tensor, p: dict[str, np.ndarray], device=None) -> torch.Tensor:
+    """Apply per-crop jitter/gray/blur/solarize described by `p` to uint8 crops [n, 3, S, S]."""
+    n = crops.shape[0]
+    if n == 0:
+        return crops
+    out = crops if device is None else crops.to(device, non_blocking=True)
+    out = out.clone() if out is crops else out
+    dev = out.device
+    groups = {}
+    for idx in range(n):  # group crops that need the same sequence of kernels
+        key = (int(p["perm"][idx]) if p["jitter"][idx] else -1, bool(p["gray"][idx]), bool(p["blur"][idx]),
+               bool(p["solarize"][idx]))
+        groups.setdefault(key, []).append(idx)
+    f32 = {k: torch.as_tensor(p[k], dtype=torch.float32, device=dev) for k in ("b", "c", "s", "h", "sigma")}
+    for (perm, gray, blur, sol), idx in groups.items():
+        if perm < 0 and not (gray or blur or sol):
+            continue
+        ii = torch.as_tensor(idx, device=dev)
+        x = out.index_select(0, ii).permute(1, 0, 2, 3).float().contiguous()  # [3, m, S, S]
+        if perm >= 0:
+            factors = (f32["b"][ii], f32["c"][ii], f32["s"][ii], f32["h"][ii])
+            for op in PERMS[perm]:
+                x = _OPS[op](x, factors[op])
+        if gray:
+            x.round_()
+            x[:] = _gray(x).unsqueeze(0)
+        if blur:
+            x = _blur(x.round_(), f32["sigma"][ii])
+        x = x.round_().clamp_(0, 255)
+        if sol:
+            x = _solarize(x)
+        out.index_copy_(0, ii, x.to(torch.uint8).permute(1, 0, 2, 3))
+    return out

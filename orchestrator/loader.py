@@ -1,0 +1,366 @@
+"""MultiCropLoader: DINOv2 batches streamed from WebDataset shards on any fsspec URL.
+
+    loader = MultiCropLoader("s3://bucket/shards/index.json", batch_size=64, rank=r, world_size=W,
+                             seed=0, crops=dict(global_size=224, local_size=98, n_global=2, n_local=8),
+                             patch_size=14, num_workers=8)
+    for batch in loader: ...          # one epoch from the saved position; `len(loader)` batches
+    state = loader.state_dict()       # small JSON-able dict; MultiCropLoader(..., state=state) resumes
+
+Epoch plan (deterministic from (seed, epoch), identical on every rank):
+  1. the shards of index.json are permuted with np.random.default_rng([seed, epoch]);
+  2. their samples, concatenated in that order, form one sequence of T samples; rank r reads the
+     contiguous range [r*N, r*N + len*B) with N = T // world_size, len = N // B. Every rank yields
+     exactly `len` batches, no sample is read twice in an epoch, and a shard is read by at most the
+     ranks/workers whose ranges touch it (the T - world*len*B leftover samples differ per epoch);
+  3. a rank's range is cut into DataLoader-worker chunks: batch j is made by worker j % num_workers
+     from its own contiguous chunk (so workers read disjoint shard ranges), shuffled with a buffer
+     seeded by (seed, epoch, rank, worker); DataLoader returns batches in j order;
+  4. crop/colour randomness of batch j comes from (seed, epoch, rank, j), masks from a torch.Generator
+     seeded the same way.
+Resume: state = {epoch, batch (next j), seed, consumed counts...}. Workers replay their shard stream
+(bytes only, no decoding) up to the next batch, so the resumed run yields exactly the batches an
+uninterrupted run would. If world_size, batch_size, num_workers or the index changed, the position
+cannot be mapped: the loader warns and starts the next epoch (the interrupted epoch is cut short; no
+sample repeats within an epoch).
+Errors: opening/reading a shard is retried with exponential backoff (transient storage errors); a
+missing shard or denied access fails with a clear message; a corrupt sample is skipped, counted
+(`loader.skipped`) and replaced by another sample of the same batch so batch shapes stay fixed; the run
+fails when skipped/seen exceeds `error_budget` (checked after min(epoch, ~10/budget) samples and at
+each epoch end).
+
+No entrypoint; used by orchestrator.train (TRAIN) and `dinoray bench data`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import math
+import tarfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from orchestrator import storage
+from orchestrator.augment import MultiCrop
+from orchestrator.shards import read_index
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif")
+STATE_VERSION = 1
+
+
+class DataBudgetError(RuntimeError):
+    """Too many corrupt samples."""
+
+
+def resolve_shards(urls, storage_options=None) -> tuple[list[dict], int]:
+    """-> ([{url, count}], n_classes) from an index.json URL, a shard folder, a brace pattern or a list."""
+    if isinstance(urls, str) and (urls.endswith(".json") or not urls.endswith(".tar")):
+        index, folder = read_index(urls, storage_options)
+        return [{"url": storage.join(folder, s["name"]), "count": int(s["count"])} for s in index["shards"]], \
+            len(index.get("classes", []))
+    import braceexpand
+
+    expanded = list(braceexpand.braceexpand(urls)) if isinstance(urls, str) else \
+        [u for x in urls for u in braceexpand.braceexpand(x)]
+    if not expanded:
+        raise ValueError("no shard URLs given; pass an index.json URL, a folder or a brace pattern")
+    folder = expanded[0].rsplit("/", 1)[0]
+    try:
+        index, _ = read_index(folder, storage_options)
+        counts = {storage.join(folder, s["name"]): int(s["count"]) for s in index["shards"]}
+        n_classes = len(index.get("classes", []))
+    except (FileNotFoundError, ValueError, OSError):
+        counts, n_classes = {}, 0
+    out = []
+    for u in expanded:
+        if u not in counts:
+            warnings.warn(f"{storage.redact(u)} not in an index.json; counting its samples (slow). "
+                          f"Build shards with `dinoray shards build` to avoid this.", stacklevel=2)
+            counts[u] = sum(1 for _ in _open_samples(u, storage_options, 0, None, retries=3, backoff=0.5))
+        out.append({"url": u, "count": counts[u]})
+    return out, n_classes
+
+
+def _grouped(stream):
+    """Samples ({ext: bytes}) of a tar stream, consecutive members grouped by key (webdataset reader)."""
+    from webdataset import tariterators
+
+    key, cur = None, {}
+    for m in tariterators.tar_file_iterator(stream):
+        k, _, ext = m["fname"].rsplit("/", 1)[-1].partition(".")
+        if k != key and cur:
+            yield cur
+            cur = {}
+        key = k
+        cur[ext] = m["data"]
+        cur["__key__"] = k
+    if cur:
+        yield cur
+
+
+def _open_samples(url, so, start, end, retries, backoff):
+    """Yield samples start..end-1 of one shard; reopen + skip after errors; None marks a lost sample.
+
+    Storage errors are retried `retries` times with exponential backoff; a corrupt tar is retried once.
+    """
+    wds_gopen = importlib.import_module("webdataset.gopen")
+    storage.register_s3_opener()
+    got, attempt, corrupt = 0, 0, 0
+    while True:
+        try:
+            stream = wds_gopen.gopen(url, "rb", storage_options=so) if "://" in url else open(url, "rb")
+            with stream:
+                for pos, sample in enumerate(_grouped(stream)):
+                    if end is not None and pos >= end:
+                        return
+                    if pos >= start + got:
+                        yield sample
+                        got += 1
+            if end is not None and start + got < end:
+                raise EOFError(f"shard ended after {start + got} samples, index.json says >= {end}")
+            return
+        except (FileNotFoundError, PermissionError) as e:
+            raise OSError(f"cannot open shard: {storage.describe_error(url, e)}; check the URL and "
+                          f"credentials, or run `dinoray shards verify`") from None
+        except Exception as e:  # noqa: BLE001 - transient storage error or corrupt tar
+            is_corrupt = isinstance(e, (tarfile.TarError, EOFError, UnicodeDecodeError))
+            corrupt += is_corrupt
+            attempt += not is_corrupt
+            if attempt > retries or corrupt > 1:
+                n_lost = (end - start - got) if end is not None else 0
+                log.warning("giving up on %s (%d samples lost): %s", storage.redact(url), n_lost,
+                            storage.describe_error(url, e))
+                for _ in range(n_lost):
+                    yield None
+                return
+            delay = 0.0 if is_corrupt else backoff * 2 ** (attempt - 1)
+            log.warning("retrying %s in %.1fs (attempt %d/%d): %s", storage.redact(url), delay, attempt,
+                        retries, storage.describe_error(url, e))
+            time.sleep(delay)
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """One rank's epoch from batch `start_batch` on; each DataLoader worker makes its own batches."""
+
+    def __init__(self, loader: "MultiCropLoader", epoch: int, start_batch: int):
+        self.L, self.epoch, self.start_batch = loader, epoch, start_batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        # DataLoader asks worker 0 first: make it the worker that owns batch `start_batch`.
+        w, nw = (0, 1) if info is None else ((info.id + self.start_batch) % info.num_workers, info.num_workers)
+        yield from self.L._worker_batches(self.epoch, self.start_batch, w, nw)
+
+
+class MultiCropLoader:
+    def __init__(self, urls, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 crops: dict | None = None, patch_size: int = 14, mask: dict | None = None,
+                 num_workers: int = 0, storage_options: dict | None = None, error_budget: float = 0.01,
+                 state: dict | None = None, shuffle_buffer: int = 1000, retries: int = 5, backoff: float = 0.5,
+                 prefetch_factor: int = 2, pin_memory: bool = False, with_keys: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.urls, self.so = urls, storage_options
+        self.B, self.rank, self.world, self.seed = int(batch_size), int(rank), int(world_size), int(seed)
+        self.aug = MultiCrop.from_cfg(crops)
+        self.patch = int(patch_size)
+        if self.aug.G % self.patch:
+            raise ValueError(f"crops.global_size {self.aug.G} is not a multiple of patch_size {self.patch}")
+        mask = dict(mask or {})
+        self.mask_ratio = tuple(mask.pop("mask_ratio_min_max", (0.1, 0.5)))
+        self.mask_prob = float(mask.pop("mask_probability", 0.5))
+        if mask:
+            raise ValueError(f"unknown mask keys {sorted(mask)}; known: mask_ratio_min_max, mask_probability")
+        self.num_workers, self.error_budget = int(num_workers), float(error_budget)
+        self.buffer, self.retries, self.backoff = int(shuffle_buffer), int(retries), float(backoff)
+        self.prefetch_factor, self.pin_memory, self.with_keys = prefetch_factor, pin_memory, with_keys
+        self.shards, self.n_classes = resolve_shards(urls, storage_options)
+        self.total = sum(s["count"] for s in self.shards)
+        self.per_rank = self.total // self.world
+        self.n_batches = self.per_rank // self.B
+        if self.n_batches == 0:
+            raise ValueError(f"{self.total} samples over {self.world} ranks give no full batch of {self.B}; "
+                             f"lower batch_size or add data")
+        self.epoch, self.batch, self.skipped, self.seen = 0, 0, 0, 0
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------- state
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def _fingerprint(self) -> dict:
+        return {"world_size": self.world, "batch_size": self.B, "num_workers": max(1, self.num_workers),
+                "total": self.total, "n_shards": len(self.shards), "shuffle_buffer": self.buffer}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "seed": self.seed,
+                "rank": self.rank, "skipped": self.skipped, "seen": self.seen, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        self.seed = int(state["seed"])
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.skipped, self.seen = int(state.get("skipped", 0)), int(state.get("seen", 0))
+        old = {k: state.get(k) for k in self._fingerprint()}
+        if old != self._fingerprint():
+            changed = {k: (old[k], v) for k, v in self._fingerprint().items() if old[k] != v}
+            warnings.warn(f"loader state from another layout {changed}: the exact position cannot be mapped, "
+                          f"starting epoch {self.epoch + 1} (rest of epoch {self.epoch} skipped)", stacklevel=2)
+            if self.batch > 0:
+                self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self.n_batches:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    # -------------------------------------------------------------------------------- plan
+    def _plan(self, epoch: int, w: int, nw: int):
+        """Segments [(url, start, end)] of worker w's chunk and its batch ids for this rank's epoch."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        counts = [self.shards[i]["count"] for i in order]
+        per_worker = [len(range(k, self.n_batches, nw)) for k in range(nw)]
+        begin = self.rank * self.per_rank + self.B * sum(per_worker[:w])
+        stop = begin + self.B * per_worker[w]
+        segs, pos = [], 0
+        for i, c in zip(order, counts):
+            lo, hi = max(begin, pos), min(stop, pos + c)
+            if lo < hi:
+                segs.append((self.shards[i]["url"], lo - pos, hi - pos))
+            pos += c
+        return segs, list(range(w, self.n_batches, nw))
+
+    def _raw_stream(self, epoch: int, w: int, nw: int):
+        """Worker w's samples after the seeded shuffle buffer (raw bytes; None marks a lost sample)."""
+        segs, _ = self._plan(epoch, w, nw)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, w, 1])
+        buf = []
+        for url, lo, hi in segs:
+            for s in _open_samples(url, self.so, lo, hi, self.retries, self.backoff):
+                if len(buf) < self.buffer:
+                    buf.append(s)
+                    continue
+                k = int(rng.integers(0, len(buf)))
+                buf[k], s = s, buf[k]
+                yield s
+        while buf:
+            k = int(rng.integers(0, len(buf)))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+
+    def _worker_batches(self, epoch: int, start_batch: int, w: int, nw: int):
+        _, batch_ids = self._plan(epoch, w, nw)
+        stream = self._raw_stream(epoch, w, nw)
+        last_good = None
+        for j in batch_ids:
+            raw = list(itertools.islice(stream, self.B))
+            if len(raw) < self.B:
+                raise RuntimeError(f"rank {self.rank} worker {w}: shard stream ended early at batch {j}; "
+                                   f"run `dinoray shards verify`")
+            if j < start_batch:
+                continue  # replayed without decoding: exact resume
+            batch, last_good = self._make_batch(raw, epoch, j, last_good)
+            yield batch
+
+    # ------------------------------------------------------------------------------- batch
+    def _make_batch(self, raw, epoch, j, last_good):
+        rng = np.random.default_rng([self.seed, epoch, self.rank, j])
+        glob, loc, labels, keys, bad = [], [], [], [], 0
+        for s in raw:
+            res = self._decode_sample(s, rng)
+            if res is None:
+                bad += 1
+            else:
+                glob.append(res[0])
+                loc.append(res[1])
+                labels.append(res[2])
+                keys.append(s.get("__key__"))
+                last_good = s
+        if not glob:
+            if last_good is None:
+                raise DataBudgetError(f"batch {j} of epoch {epoch} (rank {self.rank}) has no decodable sample; "
+                                      f"run `dinoray shards verify` on {storage.redact(str(self.urls))}")
+            res = self._decode_sample(last_good, rng)
+            glob, loc, labels, keys = [res[0]], [res[1]], [res[2]], [last_good.get("__key__")]
+        n_ok = len(glob)
+        for k in range(self.B - n_ok):  # fill the places of corrupt samples with valid ones of this batch
+            glob.append(glob[k % n_ok])
+            loc.append(loc[k % n_ok])
+            labels.append(labels[k % n_ok])
+            keys.append(keys[k % n_ok])
+        g = torch.stack(glob, 1).flatten(0, 1)  # crop-major: crop 0 of every image, then crop 1 ...
+        lc = torch.stack(loc, 1).flatten(0, 1) if self.aug.n_local else \
+            torch.zeros(0, 3, self.aug.L, self.aug.L, dtype=torch.uint8)
+        g, lc = self.aug.photometric(g, lc, rng)
+        from model.masking import collate_masks
+
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank, j, 2])
+                                                .generate_state(1)[0]))
+        masks = collate_masks(g.shape[0], self.aug.G // self.patch, gen, mask_ratio_min_max=self.mask_ratio,
+                              mask_probability=self.mask_prob)
+        batch = {"global_crops": g, "local_crops": lc, **masks, "labels": torch.tensor(labels, dtype=torch.int64),
+                 "_skipped": bad, "_index": j}
+        if self.with_keys:
+            batch["keys"] = keys
+        return batch, last_good
+
+    def _decode_sample(self, s, rng):
+        if s is None:
+            return None
+        ext = next((e for e in IMAGE_EXTS if e in s), None)  # noqa: SIM110
+        if ext is None:
+            return None
+        try:
+            g, lc = self.aug.crop_image(s[ext], rng)
+        except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt sample
+            log.debug("corrupt sample skipped: %s", e)
+            return None
+        try:
+            label = int(s["cls"]) if "cls" in s else -1
+        except ValueError:
+            label = -1
+        return g, lc, label
+
+    # ---------------------------------------------------------------------------- iterate
+    def _check_budget(self, final: bool) -> None:
+        warm = min(self.n_batches * self.B, max(100, math.ceil(10 / max(self.error_budget, 1e-9))))
+        if self.seen and (final or self.seen >= warm) and self.skipped > self.error_budget * self.seen:
+            raise DataBudgetError(
+                f"{self.skipped} of {self.seen} samples ({100 * self.skipped / self.seen:.2f}%) were corrupt, "
+                f"over the error budget of {100 * self.error_budget:.2f}%; run `dinoray shards verify "
+                f"{storage.redact(str(self.urls))}` and rebuild the bad shards, or raise data.error_budget")
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.batch
+        ds = _EpochStream(self, epoch, start)
+        if self.num_workers > 0:
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                                  prefetch_factor=self.prefetch_factor,
+                                                  pin_memory=self.pin_memory, persistent_workers=False))
+        else:
+            it = iter(ds)
+        for batch in it:
+            j = batch.pop("_index")
+            if j != self.batch:
+                raise RuntimeError(f"loader got batch {j}, expected {self.batch} (worker order broken)")
+            self.skipped += batch.pop("_skipped")
+            self.seen += self.B
+            self.batch += 1
+            self._check_budget(final=False)
+            yield batch
+        if self.batch != self.n_batches:
+            raise RuntimeError(f"epoch {epoch} ended after {self.batch} of {self.n_batches} batches on rank "
+                               f"{self.rank}; shards changed under index.json? run `dinoray shards verify`")
+        self._check_budget(final=True)
+        self.epoch, self.batch = epoch + 1, 0
+
+    def forever(self):
+        """Endless iterator over epochs (for step-based training loops)."""
+        while True:
+            yield from self
