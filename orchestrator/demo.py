@@ -32,7 +32,7 @@ def build_cifar_shards(out_dir: Path, splits=("train", "test"), log=print) -> di
         dst = out_dir / f"cifar10-{split}"
         if not (dst / "index.json").exists():
             log(f"[demo] building shards {dst} from {src}")
-            shards.build_shards(str(src), str(dst), samples_per_shard=5000, progress=False)
+            shards.build(str(src), str(dst), samples_per_shard=5000, quiet=True)
         urls[split] = str(dst)
     return urls
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import tarfile
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import model as dmodel
-from orchestrator import storage
+from orchestrator import shards, storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -69,32 +68,14 @@ def backbone_from_state_dict(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- data
 def iter_labelled(url: str, storage_options: dict | None = None):
-    """Yield (jpeg bytes, label) from every shard listed in URL/index.json, in order."""
-    fs, root = storage.fs_for(url, storage_options)
-    with fs.open(root.rstrip("/") + "/index.json") as fh:
-        index = json.load(fh)
-    for shard in index["shards"]:
-        name = shard["name"] if isinstance(shard, dict) else shard
-        with fs.open(f"{root.rstrip('/')}/{name}", "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            sample: dict[str, bytes] = {}
-            key = None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                stem, _, ext = member.name.rpartition(".")
-                if key is not None and stem != key:
-                    yield from _emit(sample)
-                    sample = {}
-                key = stem
-                sample[ext.lower()] = tar.extractfile(member).read()
-            yield from _emit(sample)
-
-
-def _emit(sample: dict[str, bytes]):
-    img = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    label = sample.get("cls")
-    if img is not None and label is not None:
-        yield img, int(label.decode().strip())
+    """Yield (image bytes, label) from every shard listed in URL/index.json, in index order."""
+    index, folder = shards.read_index(url, storage_options)
+    for info in index["shards"]:
+        with storage.open_url(storage.join(folder, info["name"]), "rb", storage_options) as fh:
+            for _key, sample in shards.iter_tar_samples(fh):
+                img = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+                if img is not None and "cls" in sample:
+                    yield img, int(sample["cls"])
 
 
 def _to_tensor(data: bytes, size: int) -> torch.Tensor:

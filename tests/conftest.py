@@ -51,3 +51,11 @@ def prometheus_server(tmp_path):
     yield start
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory):
+    """CIFAR-10 train (50,000) and test (10,000) JPEGs as labelled shards; {split: folder}."""
+    from orchestrator.demo import build_cifar_shards
+
+    return build_cifar_shards(tmp_path_factory.mktemp("cifar-shards"), log=lambda *_: None)
