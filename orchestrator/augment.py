@@ -134,7 +134,9 @@ class MultiCrop:
             raise ValueError(f"decoded image has shape {img.shape}, expected HxWx3")
         hd, wd = img.shape[:2]
         sy, sx = hd / H, wd / W
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).unsqueeze(0)
+        if not (img.flags.writeable and img.flags.c_contiguous):
+            img = np.array(img)  # PIL arrays are read-only
+        t = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
         g = torch.empty(self.n_global, 3, self.G, self.G, dtype=torch.uint8)
         loc = torch.empty(self.n_local, 3, self.L, self.L, dtype=torch.uint8)
         for k, ((i, j, h, w), s, flip) in enumerate(zip(boxes, sizes, flips)):
@@ -193,26 +195,29 @@ def _contrast(x, f):
 
 def _saturation(x, f):
     f = f.view(1, -1, 1, 1)
-    return x.mul_(f).add_(_gray(x).unsqueeze(0) * (1 - f)).clamp_(0, 255)
+    gray = _gray(x).unsqueeze(0) * (1 - f)  # before x changes in place
+    return x.mul_(f).add_(gray).clamp_(0, 255)
+
+
+_HSV_N = (5.0, 3.0, 1.0)  # hsv2rgb offsets of r, g, b
 
 
 def _hue(x, f):
     """HSV hue rotation (torchvision adjust_hue) without branches. x holds integer values 0..255."""
     x.round_()  # PIL/torchvision work on uint8 between ops; also makes the max-channel test exact
     r, g, b = x[0], x[1], x[2]
-    maxc, minc = x.amax(0), x.amin(0)
-    c = maxc - minc
+    maxc = x.amax(0)
+    c = maxc - x.amin(0)
     ir = (r - maxc).add_(1).clamp_(0, 1)  # 1 where r is the max channel
     ig = (g - maxc).add_(1).clamp_(0, 1).mul_(1 - ir)  # g is max (and r is not)
     ib = 1 - ir - ig
-    # hue in sextants: (g-b)/c | 2+(b-r)/c | 4+(r-g)/c, then shifted and mapped to turns in [0, 2)
+    # hue in sextants: (g-b)/c | 2+(b-r)/c | 4+(r-g)/c, shifted by 6f, as turns + 1 (positive for frac)
     h = ir * (g - b)
     h.addcmul_(ig, (b - r).add_(c, alpha=2)).addcmul_(ib, (r - g).add_(c, alpha=4))
     h.mul_(c.clamp(min=1.0).reciprocal_()).add_(6 * f.view(-1, 1, 1) + 6).div_(6)
-    for ch, n in enumerate((5.0, 3.0, 1.0)):
-        k = (h + n / 6).frac_().sub_(1 / 3).abs_().mul_(-6).add_(2).clamp_(0, 1)  # hsv2rgb triangle
-        torch.addcmul(maxc, c, k, value=-1, out=x[ch])
-    return x
+    n = torch.tensor(_HSV_N, dtype=x.dtype, device=x.device).view(3, 1, 1, 1) / 6
+    k = (h.unsqueeze(0) + n).frac_().sub_(1 / 3).abs_().mul_(-6).add_(2).clamp_(0, 1)  # hsv2rgb triangle
+    return torch.addcmul(maxc.unsqueeze(0), c.unsqueeze(0), k, value=-1, out=x)
 
 
 def _solarize(x):
@@ -239,36 +244,51 @@ def _blur(x, sigma):
 _OPS = (_brightness, _contrast, _saturation, _hue)
 
 
+def _on_subset(x: torch.Tensor, mask: np.ndarray, fn) -> None:
+    """x[:, mask] = fn(x[:, mask], index) for x [3, n, S, S], in place; skips empty subsets."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return
+    if idx.size == x.shape[1]:
+        x.copy_(fn(x, torch.arange(x.shape[1], device=x.device)))
+        return
+    ii = torch.as_tensor(idx, device=x.device)
+    x.index_copy_(1, ii, fn(x.index_select(1, ii), ii))
+
+
+CHUNK_BYTES = 5 << 19  # ~2.5 MB of float32 per chunk: the ~50 passes of the colour ops stay in cache
+
+
 def apply_photometric(crops: torch.Tensor, p: dict[str, np.ndarray], device=None) -> torch.Tensor:
     """Apply per-crop jitter/gray/blur/solarize described by `p` to uint8 crops [n, 3, S, S]."""
     n = crops.shape[0]
     if n == 0:
         return crops
-    out = crops if device is None else crops.to(device, non_blocking=True)
-    out = out.clone() if out is crops else out
-    dev = out.device
-    groups = {}
-    for idx in range(n):  # group crops that need the same sequence of kernels
-        key = (int(p["perm"][idx]) if p["jitter"][idx] else -1, bool(p["gray"][idx]), bool(p["blur"][idx]),
-               bool(p["solarize"][idx]))
-        groups.setdefault(key, []).append(idx)
+    dev = crops.device if device is None else torch.device(device)
+    chunk = n if dev.type != "cpu" else max(1, CHUNK_BYTES // (3 * crops.shape[2] * crops.shape[3] * 4))
+    out = torch.empty_like(crops, device=dev)
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(n, lo + chunk))
+        x = crops[sl].to(dev, non_blocking=True).permute(1, 0, 2, 3).float().contiguous()  # [3, m, S, S]
+        out[sl] = _photometric_chunk(x, {k: v[sl] for k, v in p.items()}).permute(1, 0, 2, 3)
+    return out
+
+
+def _photometric_chunk(x: torch.Tensor, p: dict[str, np.ndarray]) -> torch.Tensor:
+    dev = x.device
     f32 = {k: torch.as_tensor(p[k], dtype=torch.float32, device=dev) for k in ("b", "c", "s", "h", "sigma")}
-    for (perm, gray, blur, sol), idx in groups.items():
-        if perm < 0 and not (gray or blur or sol):
-            continue
-        ii = torch.as_tensor(idx, device=dev)
-        x = out.index_select(0, ii).permute(1, 0, 2, 3).float().contiguous()  # [3, m, S, S]
-        if perm >= 0:
+
+    def jitter(perm):
+        def fn(sub, ii):
             factors = (f32["b"][ii], f32["c"][ii], f32["s"][ii], f32["h"][ii])
             for op in PERMS[perm]:
-                x = _OPS[op](x, factors[op])
-        if gray:
-            x.round_()
-            x[:] = _gray(x).unsqueeze(0)
-        if blur:
-            x = _blur(x.round_(), f32["sigma"][ii])
-        x = x.round_().clamp_(0, 255)
-        if sol:
-            x = _solarize(x)
-        out.index_copy_(0, ii, x.to(torch.uint8).permute(1, 0, 2, 3))
-    return out
+                sub = _OPS[op](sub, factors[op])
+            return sub
+        return fn
+
+    for perm in np.unique(p["perm"][p["jitter"]]):  # crops sharing an op order run together
+        _on_subset(x, p["jitter"] & (p["perm"] == perm), jitter(int(perm)))
+    _on_subset(x, p["gray"], lambda sub, ii: _gray(sub.round_()).unsqueeze(0).expand(3, -1, -1, -1))
+    _on_subset(x, p["blur"], lambda sub, ii: _blur(sub.round_(), f32["sigma"][ii]))
+    _on_subset(x, p["solarize"], lambda sub, ii: _solarize(sub.round_().clamp_(0, 255)))
+    return x.round_().clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,112 @@
+"""`dinoray bench data`: multi-crop loader throughput on real shards, total and per CPU core.
+
+    dinoray bench data URL [--seconds 20] [--workers 4] [--batch-size 32] [--config crops.yaml] [--json]
+    python -m orchestrator.databench URL ...        (same, without the dinoray entrypoint)
+
+URL is a shard folder / index.json on any fsspec URL. By default the paper's crops (2 x 224 + 8 x 98);
+--config takes a YAML file with a `crops:` mapping (global_size, local_size, n_global, n_local,
+global_scale, local_scale) and optionally `patch_size`, or a job spec (its `crops:` and model.patch_size).
+With --json it prints one object with images_per_s and images_per_s_per_core (= images_per_s divided
+by the CPU cores used: the DataLoader workers, or 1 with --workers 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from orchestrator import storage
+
+
+def _crops_from_config(path: str | None) -> tuple[dict | None, int]:
+    if not path:
+        return None, 14
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if "crops" not in cfg:
+        raise ValueError(f"{path}: no `crops:` mapping found (a crops YAML or a job spec)")
+    patch = cfg.get("patch_size") or (cfg.get("model") or {}).get("patch_size") or 14
+    return cfg["crops"], int(patch)
+
+
+def run(url: str, *, seconds: float = 20.0, workers: int = 4, batch_size: int = 32, crops: dict | None = None,
+        patch_size: int = 14, storage_options: dict | None = None, warmup_batches: int = 1) -> dict:
+    """Iterate the loader for ~`seconds` after warm-up; returns the measurement dict."""
+    import torch
+
+    from orchestrator.loader import MultiCropLoader
+
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # one core, comparable per-core numbers
+    try:
+        loader = MultiCropLoader(url, batch_size=batch_size, rank=0, world_size=1, seed=0, crops=crops,
+                                 patch_size=patch_size, num_workers=workers, storage_options=storage_options)
+        n, t0, t_start = 0, None, time.perf_counter()
+        for batch in loader.forever():
+            if t0 is None:
+                warmup_batches -= 1
+                if warmup_batches <= 0:
+                    t0 = time.perf_counter()
+                continue
+            n += batch["labels"].shape[0]
+            if time.perf_counter() - t0 >= seconds:
+                break
+        dt = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    cores = max(1, workers)
+    ips = n / dt if dt > 0 else 0.0
+    return {"url": storage.redact(url), "images": n, "seconds": round(dt, 2), "images_per_s": round(ips, 2),
+            "images_per_s_per_core": round(ips / cores, 2), "workers": workers, "cores_used": cores,
+            "cpu_count": os.cpu_count(), "batch_size": batch_size, "crops": dict(loader.aug.__dict__),
+            "skipped": loader.skipped, "startup_s": round(t0 - t_start, 2)}
+
+
+def _cmd(args) -> int:
+    try:
+        crops, patch = _crops_from_config(args.config)
+        res = run(args.url, seconds=args.seconds, workers=args.workers, batch_size=args.batch_size,
+                  crops=crops, patch_size=patch)
+    except (ValueError, OSError) as e:
+        print(f"error: {storage.redact(str(e))}", file=sys.stderr)
+        return 2
+    if args.json:
+        res["crops"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in res["crops"].items()}
+        print(json.dumps(res))
+    else:
+        c = res["crops"]
+        print(f"{res['images_per_s']:.1f} images/s total, {res['images_per_s_per_core']:.1f} per core "
+              f"({res['workers']} workers, {res['images']} images in {res['seconds']} s; crops "
+              f"{c['n_global']}x{c['G']} + {c['n_local']}x{c['L']}; {res['skipped']} corrupt skipped)")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add `bench data` to an argparse subparsers object (the `bench` group is created here)."""
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    sub = bench.add_subparsers(dest="bench_cmd", required=True)
+    p = sub.add_parser("data", help="multi-crop loader images/s on shards (total and per core)")
+    p.add_argument("url", help="shard folder or index.json (local path or fsspec URL)")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--config", help="YAML with crops: {...} (or a job spec)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.databench")
+    add_commands(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["bench", "data", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Fast multi-crop vs the PIL/torchvision-semantics reference: same ops, same output distribution."""
+
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CIFAR_TEST_TAR
+from PIL import Image, ImageEnhance, ImageOps
+
+from orchestrator import augment as A
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import data as ref  # noqa: E402  bench/data.py: the reference pipeline
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    with tarfile.open(CIFAR_TEST_TAR) as tf:
+        ms = [m for m in tf.getmembers() if m.isreg() and m.name.endswith(".jpg")][::250]
+        return [tf.extractfile(m).read() for m in ms]
+
+
+def _img(seed=0, size=48):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _planes(arr):  # HxWx3 uint8 -> [3, 1, H, W] float
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(1).float()
+
+
+def _back(x):
+    return x.round().clamp(0, 255)[:, 0].permute(1, 2, 0).to(torch.uint8).numpy().astype(int)
+
+
+def test_crop_params_match_torchvision_statistics():
+    rng = np.random.default_rng(0)
+    fr, ar = [], []
+    for _ in range(4000):
+        i, j, h, w = A.crop_params(rng, 375, 500, (0.32, 1.0))
+        assert 0 <= i <= 375 - h and 0 <= j <= 500 - w
+        fr.append(h * w / (375 * 500))
+        ar.append(w / h)
+    assert 0.32 - 0.02 <= min(fr) and max(fr) <= 1.0
+    rrng = np.random.default_rng(1)
+    ref_fr = [h * w / (375 * 500) for _, _, h, w in (ref._rrc_params(rrng, 375, 500, (0.32, 1.0)) for _ in range(4000))]
+    assert abs(np.mean(fr) - np.mean(ref_fr)) < 0.015 and abs(np.std(fr) - np.std(ref_fr)) < 0.015
+    assert 3 / 4 - 0.02 <= min(ar) and max(ar) <= 4 / 3 + 0.02
+    assert A.crop_params(rng, 10, 1000, (0.9, 1.0)) == (0, 493, 10, 13)  # torchvision's centre fallback
+
+
+@pytest.mark.parametrize("op,pil", [(0, ImageEnhance.Brightness), (1, ImageEnhance.Contrast), (2, ImageEnhance.Color)])
+def test_linear_jitter_ops_match_pil(op, pil):
+    arr = _img(op)
+    for f in (0.6, 1.3):
+        ours = _back(A._OPS[op](_planes(arr), torch.tensor([f])))
+        theirs = np.asarray(pil(Image.fromarray(arr)).enhance(f)).astype(int)
+        assert np.abs(ours - theirs).max() <= 1
+
+
+def test_hue_matches_pil_hsv_within_quantisation():
+    arr = _img(5)
+    for f in (-0.1, 0.05):
+        ours = _back(A._hue(_planes(arr), torch.tensor([f])))
+        theirs = np.asarray(ref._hue_pil(Image.fromarray(arr), f)).astype(int)
+        # PIL quantises hue to 1/256 turn and s/v to uint8: a few levels apart on saturated pixels
+        assert np.abs(ours - theirs).mean() < 1.5 and np.percentile(np.abs(ours - theirs), 99) <= 8
+
+
+def test_gray_blur_solarize_match_reference_ops():
+    arr = _img(7)
+    gray = _back(A._gray(_planes(arr)).unsqueeze(0).expand(3, -1, -1, -1))
+    assert np.abs(gray[..., 0] - np.asarray(Image.fromarray(arr).convert("L")).astype(int)).max() <= 1
+    blurred = _back(A._blur(_planes(arr), torch.tensor([1.3])))
+    assert np.abs(blurred - np.asarray(ref._blur_tv(Image.fromarray(arr), 1.3)).astype(int)).max() <= 1
+    sol = _back(A._solarize(_planes(arr)))
+    assert np.array_equal(sol, np.asarray(ImageOps.solarize(Image.fromarray(arr), 128)).astype(int))
+
+
+def test_photometric_probabilities():
+    mc = A.MultiCrop()
+    rng = np.random.default_rng(1)
+    g1, g2, lc = (mc.sample_photometric(rng, 20000, k) for k in ("global1", "global2", "local"))
+    assert g1["blur"].all() and abs(g2["blur"].mean() - 0.1) < 0.01 and abs(lc["blur"].mean() - 0.5) < 0.015
+    assert abs(g2["solarize"].mean() - 0.2) < 0.01 and not g1["solarize"].any() and not lc["solarize"].any()
+    assert abs(lc["jitter"].mean() - 0.8) < 0.01 and abs(lc["gray"].mean() - 0.2) < 0.01
+    assert len(np.unique(lc["perm"])) == 24 and lc["h"].min() >= -0.1 and lc["h"].max() <= 0.1
+
+
+def _run_ours(mc, datas, seed):
+    rng = np.random.default_rng(seed)
+    res = [mc.crop_image(d, rng) for d in datas]
+    g = torch.stack([r[0] for r in res], 1).flatten(0, 1)
+    lc = torch.stack([r[1] for r in res], 1).flatten(0, 1)
+    return mc.photometric(g, lc, rng)
+
+
+def test_same_output_distribution_as_reference(cifar):
+    mc = A.MultiCrop(global_size=64, local_size=32)
+    g, lc = _run_ours(mc, cifar * 3, 0)
+    r = ref.Reference(G=64, L=32)
+    rng = np.random.default_rng(0)
+    outs = [r(d, rng) for d in cifar * 3]
+    mean, std = torch.tensor(ref.MEAN).view(3, 1, 1), torch.tensor(ref.STD).view(3, 1, 1)
+    rg = torch.stack([(o[0][k] * std + mean) * 255 for o in outs for k in range(2)])
+    rl = torch.stack([(o[1][k] * std + mean) * 255 for o in outs for k in range(8)])
+    for a, b in ((g.float(), rg), (lc.float(), rl)):
+        assert a.shape == b.shape
+        assert abs(a.mean() - b.mean()) < 6 and abs(a.std() - b.std()) < 6
+        # per-crop brightness spread (jitter/grayscale/solarize mix) is alike too
+        assert abs(a.mean((1, 2, 3)).std() - b.mean((1, 2, 3)).std()) < 6
+
+
+def test_dct_scaled_decode_is_close_to_full_decode():
+    datas = ref.photo_jpegs(2, size=(1600, 1200))
+    mc_fast, mc_full = A.MultiCrop(global_size=64, local_size=32), A.MultiCrop(global_size=64, local_size=32,
+                                                                               dct_scaling=False)
+    for d in datas:
+        a = mc_fast.crop_image(d, np.random.default_rng(3))
+        b = mc_full.crop_image(d, np.random.default_rng(3))
+        for x, y in zip(a, b):
+            assert (x.float() - y.float()).abs().mean() < 4
+    assert A.decode(datas[0], 300, 400).shape == (300, 400, 3)  # 1/4 scale, not the full 1200x1600
+
+
+def test_deterministic_and_uint8(cifar):
+    mc = A.MultiCrop(global_size=32, local_size=16, n_local=3)
+    a, b = _run_ours(mc, cifar[:4], 9), _run_ours(mc, cifar[:4], 9)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].dtype == torch.uint8 and a[0].shape == (8, 3, 32, 32) and a[1].shape == (12, 3, 16, 16)
+    c = _run_ours(mc, cifar[:4], 10)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_corrupt_and_odd_inputs():
+    mc = A.MultiCrop(global_size=32, local_size=16)
+    rng = np.random.default_rng(0)
+    with pytest.raises(Exception):
+        mc.crop_image(b"\xff\xd8\xff\xe0garbage", rng)
+    buf = io.BytesIO()
+    Image.fromarray(_img(1)).convert("L").save(buf, "PNG")  # grayscale PNG -> 3 channels
+    g, lc = mc.crop_image(buf.getvalue(), rng)
+    assert g.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown crops keys"):
+        A.MultiCrop.from_cfg({"global_sz": 3})
