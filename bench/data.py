@@ -1,6 +1,6 @@
 """Multi-crop throughput: the dinov2 reference pipeline vs ours, side by side, on the same JPEGs.
 
-    .venv/bin/python bench/data.py [--seconds 15] [--batch-size 32] [--n-photos 64] [--json]
+    .venv/bin/python bench/data.py [--seconds 15] [--batch-size 32] [--n-photos 64] [--torchvision] [--json]
 
 Two image sets: CIFAR-10 test images (32x32 JPEGs from ../shared/data/cifar10/test.tar) and generated
 photo-sized JPEGs (~500x375, smooth gradients + shapes + noise, quality 90). Paper crops: 2 x 224 +
@@ -135,11 +135,38 @@ class Reference:
         return {"global_crops": g, "local_crops": lc, **masks}
 
 
+class TorchvisionReference(Reference):
+    """The dinov2 pipeline written with real torchvision transforms (used when torchvision imports).
+
+    Same classes and arguments as dinov2/data/augmentations.py; GaussianBlur uses RandomApply with the
+    paper's p directly (the released wrapper's keep_p = 1 - p quirk is noted in orchestrator/augment.py).
+    """
+
+    def __init__(self, G=224, L=98, n_local=8, gscale=(0.32, 1.0), lscale=(0.05, 0.32), blur_p=(1.0, 0.1, 0.5)):
+        super().__init__(G, L, n_local, gscale, lscale, blur_p)
+        from torchvision import transforms as T
+
+        bic = T.InterpolationMode.BICUBIC
+        self.geo_g = T.Compose([T.RandomResizedCrop(G, scale=gscale, interpolation=bic), T.RandomHorizontalFlip(0.5)])
+        self.geo_l = T.Compose([T.RandomResizedCrop(L, scale=lscale, interpolation=bic), T.RandomHorizontalFlip(0.5)])
+        cj = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)])
+        blur = [T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=p) for p in blur_p]
+        norm = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+        self.t1 = T.Compose([cj, blur[0], norm])
+        self.t2 = T.Compose([cj, blur[1], T.RandomSolarize(128, p=0.2), norm])
+        self.tl = T.Compose([cj, blur[2], norm])
+
+    def __call__(self, data: bytes, rng):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        return [self.t1(self.geo_g(img)), self.t2(self.geo_g(img))], \
+            [self.tl(self.geo_l(img)) for _ in range(self.n_local)]
+
+
 # ------------------------------------------------------------------------------------- images
 
-def cifar_jpegs(n):
+def cifar_jpegs(n, path=CIFAR):
     out = []
-    with tarfile.open(CIFAR) as tf:
+    with tarfile.open(path) as tf:
         members = [m for m in tf.getmembers() if m.isreg() and m.name.endswith(".jpg")]
         for m in members[:: max(1, len(members) // n)][:n]:
             out.append(tf.extractfile(m).read())
@@ -179,42 +206,47 @@ def _stats(batch, normalized):
     return res
 
 
-def compare(name, datas, seconds, batch_size, seed=0):
+def compare(name, datas, seconds, batch_size, seed=0, torchvision=False):
     from orchestrator.augment import MultiCrop
     from orchestrator.loader import MultiCropLoader
 
     ours = MultiCropLoader.__new__(MultiCropLoader)  # only _make_batch: no shards needed
     ours.aug, ours.patch, ours.seed, ours.rank, ours.B = MultiCrop(), 14, seed, 0, batch_size
     ours.mask_ratio, ours.mask_prob, ours.with_keys, ours.urls = (0.1, 0.5), 0.5, False, name
-    ref = Reference()
+    refs = {"reference": Reference()}
+    if torchvision:
+        refs["torchvision"] = TorchvisionReference()
     rng = np.random.default_rng(seed)
-    t = {"reference": 0.0, "ours": 0.0}
-    n = {"reference": 0, "ours": 0}
-    stats = {"reference": [], "ours": []}
+    names = [*refs, "ours"]
+    t, n, stats = {k: 0.0 for k in names}, {k: 0 for k in names}, {k: [] for k in names}
     j = 0
     while min(t.values()) < seconds:
         idx = rng.integers(0, len(datas), batch_size)
         chunk = [datas[i] for i in idx]
-        for which in ("reference", "ours"):
+        for which in names:
             t0 = time.perf_counter()
             if which == "ours":
                 b, _ = ours._make_batch([{"jpg": d} for d in chunk], 0, j, None)
             else:
-                b = ref.batch(chunk, rng, torch.Generator().manual_seed(j))
+                b = refs[which].batch(chunk, rng, torch.Generator().manual_seed(j))
             t[which] += time.perf_counter() - t0
             n[which] += batch_size
             if len(stats[which]) < 4:
-                stats[which].append(_stats(b, which == "reference"))
+                stats[which].append(_stats(b, which != "ours"))
         j += 1
     ips = {k: n[k] / t[k] for k in t}
 
     def avg(which, key, i):
         return round(sum(s[key][i] for s in stats[which]) / len(stats[which]), 1)
 
-    return {"images": name, "n_jpegs": len(datas), "reference_images_per_s": round(ips["reference"], 1),
-            "ours_images_per_s": round(ips["ours"], 1), "ratio": round(ips["ours"] / ips["reference"], 2),
-            "pixel_mean_std": {w: {k: (avg(w, k, 0), avg(w, k, 1)) for k in ("global_crops", "local_crops")}
-                               for w in ("reference", "ours")}}
+    out = {"images": name, "n_jpegs": len(datas), "reference_images_per_s": round(ips["reference"], 1),
+           "ours_images_per_s": round(ips["ours"], 1), "ratio": round(ips["ours"] / ips["reference"], 2),
+           "pixel_mean_std": {w: {k: (avg(w, k, 0), avg(w, k, 1)) for k in ("global_crops", "local_crops")}
+                              for w in names}}
+    if torchvision:
+        out["torchvision_images_per_s"] = round(ips["torchvision"], 1)
+        out["ratio_vs_torchvision"] = round(ips["ours"] / ips["torchvision"], 2)
+    return out
 
 
 def main(argv=None) -> int:
@@ -222,17 +254,23 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="per pipeline per image set")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-photos", type=int, default=64)
+    p.add_argument("--cifar", default=str(CIFAR), help="tar of CIFAR-10 JPEGs")
+    p.add_argument("--torchvision", action="store_true", help="also run real torchvision transforms")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per-core numbers
-    results = [compare("cifar10-32px", cifar_jpegs(512), args.seconds, args.batch_size),
-               compare("photos-500x375", photo_jpegs(args.n_photos), args.seconds, args.batch_size)]
+    results = [compare("cifar10-32px", cifar_jpegs(512, args.cifar), args.seconds, args.batch_size,
+                       torchvision=args.torchvision),
+               compare("photos-500x375", photo_jpegs(args.n_photos), args.seconds, args.batch_size,
+                       torchvision=args.torchvision)]
     if args.json:
         print(json.dumps(results))
         return 0
     for r in results:
+        tv = (f" | torchvision {r['torchvision_images_per_s']:6.1f} (ratio {r['ratio_vs_torchvision']:.2f}x)"
+              if "torchvision_images_per_s" in r else "")
         print(f"{r['images']:>16}: reference {r['reference_images_per_s']:6.1f} img/s/core | ours "
-              f"{r['ours_images_per_s']:6.1f} img/s/core | ratio {r['ratio']:.2f}x")
+              f"{r['ours_images_per_s']:6.1f} img/s/core | ratio {r['ratio']:.2f}x{tv}")
         for w, st in r["pixel_mean_std"].items():
             print(f"{'':>18}{w:>9} pixel mean/std  global {st['global_crops']}  local {st['local_crops']}")
     return 0
