@@ -113,7 +113,6 @@ def test_order_is_deterministic_from_seed_and_epoch(shard_dir):
     b2 = [b["keys"] for b in L]  # second epoch
     c = [b["keys"] for b in _loader(shard_dir, with_keys=True, seed=4)]
     assert a == b1 and a != b2 and a != c
-    assert sorted(sum(a, [])) != sorted(sum(b2, [])) or a != b2
     assert L.state_dict()["epoch"] == 2
 
 
