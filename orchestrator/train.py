@@ -19,7 +19,6 @@ import signal
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -149,9 +148,10 @@ def make_loader(job, r: config.ResolvedPhase, rank: int, world: int, state):
     if job.data.train.startswith("synthetic://"):
         return SyntheticLoader(int(job.data.train.split("://")[1] or 64), mask=r.model, **kw)
     from .loader import MultiCropLoader
-    return MultiCropLoader(job.data.train, mask_ratio_min_max=r.model.mask_ratio_min_max,
-                           mask_probability=r.model.mask_probability, num_workers=job.data.num_workers,
-                           storage_options=job.storage_options, error_budget=job.data.error_budget, **kw)
+    mask = dict(mask_ratio_min_max=tuple(r.model.mask_ratio_min_max), mask_probability=r.model.mask_probability)
+    return MultiCropLoader(job.data.train, mask=mask, num_workers=job.data.num_workers,
+                           storage_options=job.storage_options, error_budget=job.data.error_budget,
+                           with_keys=job.debug.trace_samples, **kw)
 
 
 def train_flops_per_image(r: config.ResolvedPhase, arch: str) -> float:
@@ -333,6 +333,7 @@ def _trace(path, step, data_pos, batch) -> None:
     g = batch["global_crops"]
     n = g.shape[0] // 2
     ids = [hashlib.sha1(g[i].cpu().numpy().tobytes()).hexdigest()[:12] for i in range(n)]
+    ids = [f"{k}:{h}" for k, h in zip(batch["keys"], ids)] if "keys" in batch else ids
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, "pos": data_pos, "ids": ids,
                             "labels": batch["labels"].tolist() if "labels" in batch else None}) + "\n")
@@ -361,7 +362,7 @@ def _flush_metrics(local_jsonl, url, so, rank) -> None:
         atomic_put_file(local_jsonl, join(url, "metrics.jsonl"), so)
 
 
-__all__ = ["run_phase", "worker_loop", "build_meta", "make_loader", "run_key", "run_url", "np"]
+__all__ = ["run_phase", "worker_loop", "build_meta", "make_loader", "run_key", "run_url"]
 
 
 class SyntheticLoader:
