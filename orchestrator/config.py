@@ -402,6 +402,12 @@ def validate(job: JobSpec) -> None:
         if r.optim.batch_size % job.num_workers:
             _fail(src, f"{where}.optim.batch_size" if "batch_size" in phase.optim else "optim.batch_size",
                   f"{r.optim.batch_size} is not divisible by num_workers={job.num_workers}")
+        if phase.kind in TRAINING_KINDS:
+            for key in ("warmup_iters", "teacher_temp_warmup_iters", "freeze_last_layer_iters"):
+                if getattr(r.optim, key) >= phase.steps and getattr(r.optim, key) > 0:
+                    _fail(src, f"{where}.optim.{key}" if key in phase.optim else f"optim.{key}",
+                          f"{getattr(r.optim, key)} is not shorter than the phase's {phase.steps} steps; "
+                          f"lower it (e.g. --set phases.{phase.name}.optim.{key}=0)")
         if phase.kind in TRAINING_KINDS and r.crops.n_global != 2:
             _fail(src, "crops.n_global", "the DINO loss pairs exactly 2 global crops; set 2")
         for key in ("global_scale", "local_scale"):

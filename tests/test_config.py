@@ -48,6 +48,7 @@ def test_unknown_key_suggests_the_right_one():
     ("optim.base_lr=fast", "optim.base_lr: expected a number, got 'fast'"),
     ("storage_options.secret=abc", "credentials must not be in job files"),
     ("phases.highrs.steps=3", "no phase 'highrs'"),
+    ("optim.warmup_iters=10", "optim.warmup_iters: 10 is not shorter than the phase's 10 steps"),
 ])
 def test_impossible_values_are_refused_with_their_key(override, message):
     with pytest.raises(config.ConfigError) as err:
