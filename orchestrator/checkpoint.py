@@ -108,7 +108,8 @@ class Checkpointer:
         self.rank, self.world = backend.rank, backend.world
         self.dcp = backend.kind in ("fsdp2", "ddp")
         self.async_save = async_save and self.dcp
-        self._pending = None   # (step, future) of an async save not yet committed
+        self._pending = None   # (step, url, future, t0) of an async save not yet committed
+        self.last_async_s = None
         self._pg = None
         if self.async_save and self.world > 1:
             self._pg = dist.new_group(backend="gloo")  # background writes never share the training group
@@ -122,6 +123,7 @@ class Checkpointer:
         url = step_url(self.run_url, step)
         if self.rank == 0:
             fs, path = fs_for(url, self.so)
+            fs.invalidate_cache()
             if fs.exists(path):          # leftovers of a crashed attempt at the same step
                 fs.rm(path, recursive=True)
         self._barrier()
@@ -210,12 +212,19 @@ class Checkpointer:
         done = sorted(s for s, ok in steps.items() if ok)
         drop = done[:-self.keep_last] + [s for s, ok in steps.items() if not ok and s < newest]
         fs, _ = fs_for(self.run_url, self.so)
+        fs.invalidate_cache()  # object stores: a cached listing would leave files behind
         for s in drop:
             u = step_url(self.run_url, s)
             p = fs_for(u, self.so)[1]
             if s in done:  # un-commit first so a concurrent reader never sees a half-deleted one
                 fs.rm(p.rstrip("/") + "/" + MARKER)
             fs.rm(p, recursive=True)
+            if protocol_of(u) != "file":  # stores with real folders (SeaweedFS) keep an empty one
+                fs.invalidate_cache()
+                try:
+                    fs.rm(p.rstrip("/") + "/")
+                except (FileNotFoundError, OSError):
+                    pass
 
     def _barrier(self) -> None:
         if self.world > 1:

@@ -1,4 +1,4 @@
-"""Training phases on Ray Train V2: the driver (`run_phase`) and the worker loop (`worker_loop`).
+"""Training phases on Ray Train V2: the driver (`run_phase`), model setup and data (worker loop: worker.py).
 
 Run one phase of a job (normally `dinoray run JOB` calls this through the controller):
 
@@ -11,23 +11,14 @@ from the last committed checkpoint; a phase whose final/DONE exists returns at o
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import signal
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import backends, checkpoint, config
-from .storage import atomic_write_bytes, fs_for, join, protocol_of
-
-PART_KEYS = ("dino_global", "dino_local", "ibot", "koleo", "gram")
-
+from . import checkpoint, config
+from .storage import fs_for, join, protocol_of
 
 def run_key(phase: config.PhaseSpec, student_arch: str | None = None) -> str:
     return f"{phase.name}-{student_arch}" if student_arch else phase.name
@@ -60,6 +51,7 @@ def run_phase(job: config.JobSpec, phase_name: str, *, student_arch: str | None 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     res = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    from .worker import worker_loop
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"job": job, "phase": phase_name, "student_arch": student_arch},
@@ -161,208 +153,6 @@ def train_flops_per_image(r: config.ResolvedPhase, arch: str) -> float:
     kw = dict(patch_size=m.patch_size, num_register_tokens=m.num_register_tokens)
     g, loc = flops_per_image(arch, c.global_size, **kw), flops_per_image(arch, c.local_size, **kw)
     return 3 * (c.n_global * g + c.n_local * loc) + c.n_global * g
-
-
-# =============================================================================== worker loop
-def worker_loop(cfg: dict) -> None:
-    """One Ray Train worker: build, resume, then zero_grad -> loss -> backward -> clip -> step -> EMA."""
-    import ray.train
-    from model import schedules
-    job, phase_name, student_arch = cfg["job"], cfg["phase"], cfg["student_arch"]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    r = config.resolve(job, phase_name)
-    phase, so, o = r.phase, job.storage_options, r.optim
-    url = run_url(job, phase_name, student_arch)
-    if checkpoint._exists(join(url, "FAILED"), so):  # deterministic failure: do not retry
-        raise RuntimeError(fs_for(join(url, "FAILED"), so)[0].cat_file(fs_for(join(url, "FAILED"), so)[1]).decode())
-    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
-    torch.set_num_threads(max(1, job.cpus_per_worker))
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-    meta = build_meta(job, r, student_arch)
-    backend = backends.build(meta, job, device, o)
-    sched = schedules.build_schedules(
-        phase.steps, base_lr=o.base_lr, batch_size=o.batch_size, warmup_iters=o.warmup_iters, min_lr=o.min_lr,
-        wd=o.weight_decay, momentum=o.momentum_teacher, teacher_temp=o.teacher_temp,
-        teacher_temp_warmup_iters=o.teacher_temp_warmup_iters, freeze_last_layer_iters=o.freeze_last_layer_iters)
-    ck = checkpoint.Checkpointer(backend, url, storage_options=so, keep_last=job.checkpoint.keep_last,
-                                 async_save=job.checkpoint.async_save)
-    chash = config.phase_hash(job, phase)
-    st = {"step": 0, "loader": None, "batches_seen": 0, "nonfinite_total": 0, "rollbacks": 0}
-    torch.manual_seed(job.seed * 1000 + rank + 1)  # per-rank stream (drop path)
-    found = checkpoint.latest(url, so)
-    if found:
-        extras = ck.load(found[1])
-        if extras["config_hash"] != chash:
-            raise RuntimeError(f"{found[1]} was written by a different configuration of phase '{phase_name}' "
-                               f"(hash {extras['config_hash']} != {chash}); restore the job file or use a new job name")
-        st.update({k: extras[k] for k in st})
-        if not extras["resharded"]:
-            checkpoint.set_rng_state(extras["rng"])
-    loader = make_loader(job, r, rank, world, st["loader"])
-    metrics, local_jsonl = _metrics(job, url, phase_name, rank)
-    trace = _trace_file(job, url, rank)
-    flops = train_flops_per_image(r, student_arch or r.model.arch)
-    arch_flops_devices = world
-    consecutive, it, t_start = 0, iter(loader), time.perf_counter()
-    step, last_parts = st["step"], {}
-    while step < phase.steps:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:  # next epoch (the loader's state carries the epoch number)
-            it = iter(loader)
-            batch = next(it)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        t_data = time.perf_counter() - t0
-        st["loader"], data_pos = loader.state_dict(), st["batches_seen"]
-        st["batches_seen"] += 1
-        _debug_hooks(job, url, rank, step, data_pos, batch)
-        if trace:
-            _trace(trace, step, data_pos, batch)
-
-        vals = schedules.apply_schedules(backend.optimizer, sched, step)
-        backend.zero_grad()
-        loss, parts = backend.forward(batch, teacher_temp=vals["teacher_temp"])
-        per_rank = _gather_parts(loss, parts, world)      # [world, 1 + len(PART_KEYS)]
-        finite = bool(torch.isfinite(per_rank[:, 0]).all())
-        grad_norm, applied = float("nan"), False
-        if finite:
-            backend.backward(loss)
-            grad_norm, applied = backend.step(o.clip_grad)
-        if applied:
-            backend.ema_(vals["momentum"])
-            consecutive = 0
-        else:
-            st["nonfinite_total"] += 1
-            consecutive += 1
-        step += 1
-        last_parts = {"loss": float(per_rank[:, 0].mean())}
-        last_parts.update({f"loss_{k}": float(per_rank[:, i + 1].mean()) for i, k in enumerate(PART_KEYS)
-                           if k in parts})
-
-        if consecutive >= job.failure.nonfinite_max_consecutive:
-            st["rollbacks"] += 1
-            if st["rollbacks"] > job.failure.max_rollbacks or checkpoint.latest(url, so) is None:
-                _fail(job, url, rank, step, per_rank, parts, st["rollbacks"])
-            ck.wait()
-            back = ck.load(checkpoint.latest(url, so)[1])
-            step, consecutive = back["step"], 0   # the data position moves on: no batch is re-read
-            continue
-
-        rec = {"step_s": time.perf_counter() - t0, "data_wait_s": t_data, "grad_norm": grad_norm,
-               "nonfinite_steps_total": st["nonfinite_total"], "rollbacks_total": st["rollbacks"],
-               "samples_skipped_total": float(getattr(loader, "skipped", 0)), **last_parts,
-               **{k: vals[k] for k in ("lr", "wd", "momentum", "teacher_temp")}}
-        if step % job.checkpoint.every_steps == 0 or step == phase.steps:
-            extras = {**st, "config_hash": chash}
-            timing = ck.save(step, extras)
-            rec["ckpt_stall_s"] = timing["stall_s"]
-            if timing["save_s"] is not None:
-                rec["ckpt_save_s"] = timing["save_s"]
-        if ck.poll() is not None:
-            rec["ckpt_save_s"] = ck.last_async_s
-            rec["last_ckpt_unixtime"] = time.time()
-            _flush_metrics(local_jsonl, url, so, rank)
-        rec["images_per_s"] = o.batch_size / max(rec["step_s"], 1e-9)
-        if metrics is not None:
-            rec["mfu"] = flops * rec["images_per_s"] / (arch_flops_devices * job.metrics.peak_flops)
-            metrics.record(step, rec)
-
-    ck.wait()
-    final = checkpoint.latest(url, so)
-    prefix = "student_ema.backbone." if phase.kind == "distill" else "teacher.backbone."
-    info = {"step": step, "steps": phase.steps, "checkpoint": final[1] if final else None,
-            "backbone": join(url, "final", "backbone.pth"), "model": join(url, "final", "model.pth"),
-            "metrics": last_parts, "seconds": time.perf_counter() - t_start}
-    _flush_metrics(local_jsonl, url, so, rank)
-    checkpoint.export_final(backend, join(url, "final"), prefix, so, info)
-    if metrics is not None:
-        metrics.close()
-    ray.train.report({"step": step, **last_parts})
-
-
-def _gather_parts(loss, parts, world) -> torch.Tensor:
-    v = torch.tensor([float(loss.detach())] + [float(parts[k]) if k in parts else 0.0 for k in PART_KEYS])
-    if world == 1:
-        return v[None]
-    out = torch.empty(world * v.numel())
-    dist.all_gather_into_tensor(out, v)
-    return out.view(world, -1)
-
-
-def _fail(job, url, rank, step, per_rank, parts, rollbacks) -> None:
-    bad = [i for i in range(per_rank.shape[0]) if not torch.isfinite(per_rank[i]).all()]
-    rows = "; ".join(f"rank {i}: loss={per_rank[i, 0]:.4g} " + " ".join(
-        f"{k}={per_rank[i, j + 1]:.4g}" for j, k in enumerate(PART_KEYS) if k in parts) for i in range(per_rank.shape[0]))
-    msg = (f"step {step}: {job.failure.nonfinite_max_consecutive} consecutive non-finite steps after "
-           f"{rollbacks - 1} rollbacks (budget failure.max_rollbacks={job.failure.max_rollbacks}, or no "
-           f"committed checkpoint to roll back to); non-finite on ranks {bad or 'none (gradients)'}; "
-           f"loss parts: {rows}. Lower the lr, check the data, or raise failure.max_rollbacks.")
-    if rank == 0:
-        atomic_write_bytes(join(url, "FAILED"), msg.encode(), job.storage_options)
-    dist.barrier() if dist.is_initialized() else None
-    raise FloatingPointError(msg)
-
-
-def _debug_hooks(job, url, rank, step, data_pos, batch) -> None:
-    d = job.debug
-    if rank != 0:
-        return
-    if data_pos in d.nan_steps:  # poison this batch (by data position: after a rollback it is not re-read)
-        batch["global_crops"] = torch.full_like(batch["global_crops"], float("nan"), dtype=torch.float32)
-    if d.kill_at_step == step:
-        marker = join(url, "debug", f"killed-at-{step}")
-        if not checkpoint._exists(marker, job.storage_options):
-            atomic_write_bytes(marker, b"", job.storage_options)
-            os.kill(os.getpid(), signal.SIGKILL)
-    if d.step_sleep_s:
-        time.sleep(d.step_sleep_s)
-
-
-def _trace_file(job, url, rank):
-    if not job.debug.trace_samples or protocol_of(url) != "file":
-        return None
-    path = os.path.join(fs_for(url)[1], "trace", f"rank{rank}.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return path
-
-
-def _trace(path, step, data_pos, batch) -> None:
-    """Fingerprint of every image of the batch (crop 0 + its labels): equal runs read equal data."""
-    g = batch["global_crops"]
-    n = g.shape[0] // 2
-    ids = [hashlib.sha1(g[i].cpu().numpy().tobytes()).hexdigest()[:12] for i in range(n)]
-    ids = [f"{k}:{h}" for k, h in zip(batch["keys"], ids)] if "keys" in batch else ids
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, "pos": data_pos, "ids": ids,
-                            "labels": batch["labels"].tolist() if "labels" in batch else None}) + "\n")
-
-
-def _metrics(job, url, phase_name, rank):
-    if rank != 0:
-        return None, None
-    from .metrics import StepMetrics
-    if protocol_of(url) == "file":
-        path = os.path.join(fs_for(url)[1], "metrics.jsonl")
-    else:
-        path = os.path.join(tempfile.mkdtemp(prefix="dinoray-metrics-"), "metrics.jsonl")
-        fs, rpath = fs_for(join(url, "metrics.jsonl"), job.storage_options)
-        if fs.exists(rpath):
-            fs.get(rpath, path)
-    m = StepMetrics(job.name, url.rstrip("/").rsplit("/", 1)[-1], path,
-                    checkpoint_every_steps=job.checkpoint.every_steps)
-    return m, path
-
-
-def _flush_metrics(local_jsonl, url, so, rank) -> None:
-    """Remote storage: upload rank 0's metrics.jsonl (local storage writes it in place)."""
-    if rank == 0 and local_jsonl and protocol_of(url) != "file" and os.path.exists(local_jsonl):
-        from .storage import atomic_put_file
-        atomic_put_file(local_jsonl, join(url, "metrics.jsonl"), so)
-
-
-__all__ = ["run_phase", "worker_loop", "build_meta", "make_loader", "run_key", "run_url"]
 
 
 class SyntheticLoader:
