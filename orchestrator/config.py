@@ -340,8 +340,18 @@ def job_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> JobSpec:
         apply_override(raw, assignment)
     job = _build(JobSpec, raw, source, "")
     job.source = source
+    _absolute_local_paths(job)
     validate(job)
     return job
+
+
+def _absolute_local_paths(job: JobSpec) -> None:
+    """Relative local paths are relative to where `dinoray` runs; Ray workers run elsewhere."""
+    import os
+    fix = lambda url: os.path.abspath(url) if url and "://" not in url else url  # noqa: E731
+    job.storage = fix(job.storage)
+    for key in ("train", "eval_train", "eval_test"):
+        setattr(job.data, key, fix(getattr(job.data, key)))
 
 
 def resolve(job: JobSpec, phase: PhaseSpec | str) -> ResolvedPhase:

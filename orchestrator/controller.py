@@ -191,6 +191,20 @@ def _reset_from(job, state, restart_from, log) -> None:
         log(f"[{phase.name}] reset (--restart-from {restart_from})")
 
 
+def _preflight(job: config.JobSpec, state: dict) -> None:
+    """Fail fast, before Ray, on data a pending phase needs but cannot read."""
+    from orchestrator import shards
+    pending = [p for p, e in zip(job.phases, state["phases"]) if e["state"] != "done"]
+    needed = {"data.train": job.data.train} if any(p.kind in config.TRAINING_KINDS for p in pending) else {}
+    if any(p.kind == "eval" for p in pending):
+        needed.update({"data.eval_train": job.data.eval_train, "data.eval_test": job.data.eval_test})
+    for key, url in needed.items():
+        try:
+            shards.read_index(url, job.storage_options)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{job.source}: {key}: {exc}") from None
+
+
 def run_pipeline(job: config.JobSpec, restart_from: str | None = None, log=print) -> dict:
     """Run every phase of JOB that is not done yet; returns the final pipeline state."""
     from orchestrator import metrics as metrics_mod
@@ -212,6 +226,7 @@ def run_pipeline(job: config.JobSpec, restart_from: str | None = None, log=print
                     f"{job.source}: phase '{phase.name}' was {entry['state']} with a different config "
                     f"(hash {entry['config_hash']}, now {digest}). Restore the old values, or re-run with "
                     f"--restart-from {phase.name} to redo it and every later phase.")
+        _preflight(job, state)
         save = lambda: _write_json(f"{root}/pipeline.json", state, so)  # noqa: E731
         save()
         _connect_ray(job)
