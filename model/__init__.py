@@ -11,10 +11,11 @@ from .heads import DINOHead
 from .masking import MaskGenerator, collate_masks
 from .ssl import DEFAULT_CFG, SSLMetaArch, normalize_images
 from .vit import (ARCHS, HUB_MODELS, DinoVisionTransformer, build_backbone, build_hub_backbone,
-                  flops_per_image)
+                  flops_per_image, ssl_flops_per_image)
 
 __all__ = [
     "ARCHS", "DEFAULT_CFG", "DINOHead", "DinoVisionTransformer", "DistillMetaArch", "HUB_MODELS",
     "MaskGenerator", "SSLMetaArch", "build_backbone", "build_hub_backbone", "collate_masks",
     "ema_update_", "flops_per_image", "losses", "masking", "normalize_images", "recipes", "schedules",
+    "ssl_flops_per_image",
 ]

@@ -336,3 +336,15 @@ def flops_per_image(arch: str, img_size: int = 224, patch_size: int = 14, num_re
         hidden = swiglu_hidden_dim(dim, mlp_ratio)
         mlp = 2 * n * dim * 2 * hidden + 2 * n * hidden * dim
     return float(embed + depth * (attn + mlp))
+
+
+def ssl_flops_per_image(arch: str, patch_size: int = 14, global_size: int = 224, local_size: int = 98,
+                        n_global: int = 2, n_local: int = 8, num_register_tokens: int = 0,
+                        ffn_layer: str | None = None) -> float:
+    """Backbone FLOPs of one DINOv2 training step per source image: the student's forward and
+    backward (3x forward) over all crops plus the teacher's forward over the global crops.
+    Heads and losses are excluded. Divide achieved FLOP/s by the peak for MFU."""
+    def f(size):
+        return flops_per_image(arch, size, patch_size, num_register_tokens, ffn_layer)
+    student = n_global * f(global_size) + (n_local * f(local_size) if n_local else 0.0)
+    return 3.0 * student + n_global * f(global_size)
