@@ -1,8 +1,8 @@
-"""End-to-end metrics: Ray workers record steps through StepMetrics, a real Prometheus scrapes Ray's
-metrics export port with the project's local config, and its HTTP API shows the series.
+"""End-to-end metrics: a smoke training run on Ray records steps through StepMetrics, a real
+Prometheus scrapes Ray's metrics export port with the project's local config, and its HTTP API
+shows the series with the step increasing.
 
     .venv/bin/python -m pytest tests/test_prometheus.py -q
-To switch to a smoke training run: replace `_train_steps` with the run and keep the assertions.
 """
 
 from __future__ import annotations
@@ -38,24 +38,18 @@ def ray_metrics_port():
         ray.shutdown()
 
 
-def _train_steps(n_steps: int, step_s: float, jsonl: str):
-    """Stand-in for a training worker: a Ray task recording n_steps through StepMetrics."""
-    import ray
+def _train_steps(tmp_path, cifar_shards):
+    """A real smoke training run (2 Ray Train workers, the smoke job) in a driver-side thread."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    @ray.remote(num_cpus=1)
-    def worker(n, dt, path):
-        from orchestrator import metrics as m
-        with m.StepMetrics(RUN, "pretrain", path, checkpoint_every_steps=4) as sm:
-            for step in range(1, n + 1):
-                sm.record(step, {"loss": 10.0 / step, "loss_dino_global": 5.0 / step, "loss_ibot": 3.0 / step,
-                                 "lr": 1e-4 * step, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.04,
-                                 "images_per_s": 100.0, "step_s": dt, "data_wait_s": dt / 10,
-                                 "mfu": 0.4, "samples_skipped_total": 0, "nonfinite_steps_total": 0,
-                                 "rollbacks_total": 0})
-                time.sleep(dt)
-        return n
+    from orchestrator import config, train
 
-    return worker.remote(n_steps, step_s, jsonl)
+    job = config.load_job(str(REPO / "jobs" / "smoke_cpu.yaml"), [
+        f"name={RUN}", f"storage={tmp_path}", f"data.train={cifar_shards['train']}",
+        "model.arch=vit_pico", "optim.batch_size=32", "phases.pretrain.steps=40", "optim.warmup_iters=0",
+        "optim.teacher_temp_warmup_iters=0", "optim.freeze_last_layer_iters=0", "debug.step_sleep_s=0.5"])
+    pool = ThreadPoolExecutor(1)
+    return pool.submit(train.run_phase, job, "pretrain"), tmp_path / RUN / "pretrain" / "metrics.jsonl"
 
 
 def _scrape(port: int) -> str:
@@ -63,18 +57,16 @@ def _scrape(port: int) -> str:
         return r.read().decode()
 
 
-def test_step_and_loss_series_reach_prometheus(ray_metrics_port, prometheus_server, tmp_path):
-    import ray
-
+def test_step_and_loss_series_reach_prometheus(ray_metrics_port, prometheus_server, tmp_path, cifar_shards):
     prom = prometheus_server([f"127.0.0.1:{ray_metrics_port}"])
     pm = metrics.PipelineMetrics(RUN)  # the driver side, as the controller uses it
     pm.phase_state("pretrain", "pretrain", "running")
-    ref = _train_steps(n_steps=30, step_s=0.5, jsonl=str(tmp_path / "steps.jsonl"))
+    run, jsonl = _train_steps(tmp_path, cifar_shards)
     try:
         step_q = f'max by (run, phase) (ray_dinoray_step{{run="{RUN}"}})'
-        first = prom.wait_for(step_q, lambda r: r and float(r[0]["value"][1]) >= 1, timeout=60)
+        first = prom.wait_for(step_q, lambda r: r and float(r[0]["value"][1]) >= 1, timeout=300)
         s1 = float(first[0]["value"][1])
-        later = prom.wait_for(step_q, lambda r: r and float(r[0]["value"][1]) >= s1 + 4, timeout=40)
+        later = prom.wait_for(step_q, lambda r: r and float(r[0]["value"][1]) >= s1 + 4, timeout=120)
         assert float(later[0]["value"][1]) > s1
         # the recorded history increases
         end = time.time()
@@ -112,10 +104,11 @@ def test_step_and_loss_series_reach_prometheus(ray_metrics_port, prometheus_serv
                 prom.query(expr)  # raises on a parse error
         assert prom.query(f'max by (phase, component) (ray_dinoray_loss{{run=~"{RUN}"}})')
     finally:
-        ray.get(ref, timeout=120)
+        result = run.result(timeout=600)
         pm.close()
-    lines = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == list(range(1, 31))
+    assert result["step"] == 40
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 41))
 
 
 def test_set_once_gauges_survive_ray_gauge_expiry(ray_metrics_port):
