@@ -143,6 +143,8 @@ class EvalCfg:
     temperature: float = 0.07
     batch_size: int = 256
     image_size: int = 224
+    max_train_images: int = 0        # 0 = the whole memory bank; a limit makes quick checks cheap
+    max_test_images: int = 0         # 0 = every query image
 
 
 @dataclass

@@ -154,7 +154,9 @@ def _run_eval(job, phase, log) -> dict:
         log(f"[{phase.name}] k-NN of {key} (k={r.eval.ks}, T={r.eval.temperature})")
         res = ray.get(task.remote(url, job.data.eval_train, job.data.eval_test, ks=tuple(r.eval.ks),
                                   temperature=r.eval.temperature, image_size=r.eval.image_size,
-                                  batch_size=r.eval.batch_size, storage_options=job.storage_options))
+                                  batch_size=r.eval.batch_size, storage_options=job.storage_options,
+                                  train_limit=r.eval.max_train_images or None,
+                                  test_limit=r.eval.max_test_images or None))
         metrics[key] = res
         log(f"[{phase.name}] {key}: " + ", ".join(f"k={k} {100 * v:.2f}%" for k, v in res["top1"].items()))
     return {"metrics": metrics}

@@ -145,14 +145,14 @@ def knn_accuracy(train_f, train_l, test_f, test_l, ks=(10, 20), temperature: flo
 
 def knn_eval(weights: str | dict, train_url: str, test_url: str, *, ks=(10, 20), temperature=0.07,
              image_size: int | None = None, batch_size: int = 256, storage_options: dict | None = None,
-             train_limit: int | None = None) -> dict:
+             train_limit: int | None = None, test_limit: int | None = None) -> dict:
     """Load weights, embed both splits and return {"top1": {k: acc}, "n_train", "n_test", "seconds"}."""
     t0 = time.time()
     sd = load_state_dict(weights, storage_options) if isinstance(weights, str) else weights
     net = backbone_from_state_dict(sd)
     size = image_size or infer_arch(sd)["img_size"]
     train_f, train_l = extract_features(net, train_url, size, batch_size, storage_options, train_limit)
-    test_f, test_l = extract_features(net, test_url, size, batch_size, storage_options)
+    test_f, test_l = extract_features(net, test_url, size, batch_size, storage_options, test_limit)
     acc = knn_accuracy(train_f, train_l, test_f, test_l, ks, temperature)
     return {"top1": {str(k): v for k, v in acc.items()}, "n_train": len(train_f), "n_test": len(test_f),
             "image_size": size, "temperature": temperature, "seconds": round(time.time() - t0, 2)}

@@ -12,6 +12,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TINY = ["model.arch=vit_pico", "optim.batch_size=32", "optim.warmup_iters=0", "optim.teacher_temp_warmup_iters=0",
+        "optim.freeze_last_layer_iters=0", "phases.highres.optim.warmup_iters=0", "phases.distill.optim.warmup_iters=0",
+        "eval.max_train_images=2000", "eval.max_test_images=500"]
+
 
 
 def free_port() -> int:
@@ -39,8 +43,8 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path, cifar_shards):
     address, env = ray_head
     overrides = [f"storage={tmp_path}", f"data.train={cifar_shards['train']}",
                  f"data.eval_train={cifar_shards['train']}", f"data.eval_test={cifar_shards['test']}",
-                 "model.arch=vit_pico", "optim.batch_size=32", "phases.pretrain.steps=4",
-                 "phases.highres.steps=2", "phases.distill.steps=2", "checkpoint.every_steps=2"]
+                 *TINY, "phases.pretrain.steps=4", "phases.highres.steps=2", "phases.distill.steps=2",
+                 "checkpoint.every_steps=2"]
     sets = " ".join(f"--set {o}" for o in overrides)
     entry = f"ls -a && dinoray run jobs/smoke_cpu.yaml {sets}"
     res = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", ".",

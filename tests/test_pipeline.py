@@ -21,6 +21,10 @@ from orchestrator import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TINY = ["model.arch=vit_pico", "optim.batch_size=32", "optim.warmup_iters=0", "optim.teacher_temp_warmup_iters=0",
+        "optim.freeze_last_layer_iters=0", "phases.highres.optim.warmup_iters=0", "phases.distill.optim.warmup_iters=0",
+        "eval.max_train_images=2000", "eval.max_test_images=500"]
+
 
 
 def dinoray(*args, **kw):
@@ -77,9 +81,9 @@ def test_smoke_pipeline_end_to_end(tmp_path, cifar_shards):
 
 
 def test_killed_driver_resumes_without_redoing_phases(tmp_path, cifar_shards):
-    args = smoke_args(tmp_path, cifar_shards, "--set", "phases.pretrain.steps=6", "--set", "phases.highres.steps=40",
-                      "--set", "checkpoint.every_steps=5", "--set", "debug.step_sleep_s=0.3",
-                      "--set", "model.arch=vit_pico", "--set", "optim.batch_size=32")
+    sets = [*TINY, "phases.pretrain.steps=6", "phases.highres.steps=40", "phases.distill.steps=3",
+            "checkpoint.every_steps=5", "debug.step_sleep_s=0.3"]
+    args = smoke_args(tmp_path, cifar_shards, *[a for s in sets for a in ("--set", s)])
     run = tmp_path / "smoke"
     proc = dinoray("run", "jobs/smoke_cpu.yaml", *args, start_new_session=True)
     deadline = time.time() + 600
