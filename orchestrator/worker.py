@@ -39,7 +39,8 @@ def worker_loop(cfg: dict) -> None:
         raise RuntimeError(fs.cat_file(failed).decode())
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.set_num_threads(max(1, job.cpus_per_worker))
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not job.use_gpu:  # bitwise-reproducible resume on CPU; GPUs keep their fast kernels
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     meta = build_meta(job, r, student_arch)
     backend = backends.build(meta, job, device, o)
@@ -173,7 +174,8 @@ def _fail(job, url, rank, step, per_rank, parts, rollbacks) -> None:
         f"{k}={per_rank[i, j + 1]:.4g}" for j, k in enumerate(PART_KEYS) if k in parts) for i in range(per_rank.shape[0]))
     msg = (f"step {step}: {job.failure.nonfinite_max_consecutive} consecutive non-finite steps after "
            f"{rollbacks - 1} rollbacks (budget failure.max_rollbacks={job.failure.max_rollbacks}, or no "
-           f"committed checkpoint to roll back to); non-finite on ranks {bad or 'none (gradients)'}; "
+           f"committed checkpoint to roll back to); non-finite on ranks {bad or 'none (gradients)'} "
+           f"(global teacher centring spreads one rank's NaN to every rank's DINO/iBOT terms); "
            f"loss parts: {rows}. Lower the lr, check the data, or raise failure.max_rollbacks.")
     if rank == 0:
         atomic_write_bytes(join(url, "FAILED"), msg.encode(), job.storage_options)

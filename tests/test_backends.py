@@ -101,15 +101,17 @@ def test_memory_per_rank_halves_with_two_ranks(backend, stage):
     assert all(1.8 <= r <= 2.05 for r in ratios), ratios
 
 
-def _ema_and_export(rank, world):
-    job = tiny_job("fsdp2", num_workers=world)
+def _ema_and_export(rank, world, ac):
+    job = tiny_job("fsdp2", num_workers=world, fsdp={"activation_checkpointing": ac})
     b, _, ok = _one_step(job)
+    assert ok
     full = {k: v for k, v in b.full_tensors()}
     return full if rank == 0 else None
 
 
-def test_fsdp2_ema_is_local_and_export_is_consolidated():
-    full = spawn(_ema_and_export, 2)[0]
+@pytest.mark.parametrize("ac", [False, True], ids=["plain", "activation_checkpointing"])
+def test_fsdp2_ema_is_local_and_export_is_consolidated(ac):
+    full = spawn(_ema_and_export, 2, ac)[0]
     # after one step with momentum 0.5 the teacher is halfway between its start and the student
     names = [k for k in full if k.startswith("teacher.backbone.blocks.0.attn.qkv.weight")]
     assert names and full[names[0]].shape == (192, 64)
