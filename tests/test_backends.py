@@ -106,6 +106,7 @@ def _ema_and_export(rank, world, ac):
     b, _, ok = _one_step(job)
     assert ok
     full = {k: v for k, v in b.full_tensors()}
+    full["init"] = _init_weight(job)
     return full if rank == 0 else None
 
 
@@ -116,8 +117,7 @@ def test_fsdp2_ema_is_local_and_export_is_consolidated(ac):
     names = [k for k in full if k.startswith("teacher.backbone.blocks.0.attn.qkv.weight")]
     assert names and full[names[0]].shape == (192, 64)
     assert not any("_fsdp" in k or "_checkpoint_wrapped" in k for k in full)
-    t, s = full["teacher.backbone.blocks.0.attn.qkv.weight"], full["student.backbone.blocks.0.attn.qkv.weight"]
-    assert not torch.equal(t, s)
+    _assert_half_way(full)
 
 
 def _save(rank, world, url):
@@ -152,3 +152,32 @@ def test_fsdp2_checkpoint_reshards_two_ranks_to_one(tmp_path):
     assert saved.keys() == state.keys()
     diff = max((saved[k].float() - state[k].float()).abs().max().item() for k in saved)
     assert diff == 0.0
+
+
+def _ds_variant(rank, world, stage, dtype):
+    job = tiny_job("deepspeed", num_workers=world, deepspeed={"zero_stage": stage},
+                   precision={"autocast": dtype, "param_dtype": dtype})
+    b, loss, ok = _one_step(job)
+    full = {k: v for k, v in b.full_tensors()}
+    full["init"] = _init_weight(job)
+    return (ok, loss, full) if rank == 0 else None
+
+
+def _init_weight(job, name="student.backbone.blocks.0.attn.qkv.weight"):
+    from orchestrator import train
+    return train.build_meta(job, config.resolve(job, "pretrain"), None).state_dict()[name]
+
+
+def _assert_half_way(full):
+    """After one step with EMA momentum 0.5: teacher = (initial weights + student) / 2."""
+    t, s, init = (full[k].float() for k in ("teacher.backbone.blocks.0.attn.qkv.weight",
+                                            "student.backbone.blocks.0.attn.qkv.weight", "init"))
+    assert (s - init).abs().max() > 1e-4                                  # the student moved
+    assert (t - (init + s) / 2).abs().max() <= 1e-2 * (s - init).abs().max()
+
+
+@pytest.mark.parametrize("stage,dtype", [(2, "bf16"), (3, "fp32")])
+def test_deepspeed_variants_step_and_update_the_teacher(stage, dtype):
+    ok, loss, full = spawn(_ds_variant, 2, stage, dtype)[0]
+    assert ok and loss == loss
+    _assert_half_way(full)
