@@ -235,14 +235,14 @@ class DinoVisionTransformer(nn.Module):
         B, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input {h}x{w} is not a multiple of patch_size {self.patch_size}")
-        x = self.patch_embed(x)
+        # the residual stream is kept in the parameters' dtype (fp32 under autocast, as the reference)
+        x = self.patch_embed(x).to(self.cls_token.dtype)
         if masks is not None:
-            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
-        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w).to(x.dtype)
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
         if self.register_tokens is not None:
-            reg = self.register_tokens.expand(B, -1, -1).to(x.dtype)
-            x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x
 
     def _outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:

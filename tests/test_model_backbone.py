@@ -161,3 +161,10 @@ def test_flops_per_image_close_to_2_params_tokens():
         assert dense < f < 1.15 * dense, arch
     assert flops_per_image("vit_small", 518, 14) > 5 * flops_per_image("vit_small", 224, 14)
     assert set(ARCHS) >= {"vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"}
+
+
+def test_residual_stream_stays_fp32_under_bf16_autocast():
+    m = build_backbone("vit_pico", img_size=16, patch_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.forward_features(torch.randn(2, 3, 16, 16))
+    assert out["x_prenorm"].dtype == torch.float32
