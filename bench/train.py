@@ -45,22 +45,22 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def raw_write_s(folder, nbytes, repeats=3):
-    """Time to write `nbytes` (one file, fsync) into `folder`: what any save must pay at least."""
-    data = os.urandom(min(nbytes, 1 << 26))
+def raw_write_s(ckpt_dir, folder, repeats=3):
+    """Time to write the checkpoint's own bytes (read into memory first) as plain files, fsync'ed,
+    into `folder` on the same storage: what any save of this state must pay at least."""
+    blobs = [open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(ckpt_dir) for f in fs]
     best = float("inf")
     for i in range(repeats):
-        p = os.path.join(folder, f"raw-{i}.bin")
+        out = os.path.join(folder, f"raw-{i}")
+        os.makedirs(out)
         t0 = time.perf_counter()
-        with open(p, "wb") as f:
-            left = nbytes
-            while left > 0:
-                f.write(data[:min(left, len(data))])
-                left -= len(data)
-            f.flush()
-            os.fsync(f.fileno())
+        for k, b in enumerate(blobs):
+            with open(os.path.join(out, str(k)), "wb") as f:
+                f.write(b)
+                f.flush()
+                os.fsync(f.fileno())
         best = min(best, time.perf_counter() - t0)
-        os.unlink(p)
+        shutil.rmtree(out)
     return best
 
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         url = train.run_url(j, "pretrain")
         last = checkpoint.latest(url)[1]
         nbytes = dir_bytes(last)
-        raw = raw_write_s(url, nbytes)
+        raw = raw_write_s(last, url)
         entry = {"bytes": nbytes, "stall_s": statistics.median(stall), "save_s": statistics.median(save),
                  "raw_write_s": raw, "step_s": step_s}
         entry["save_over_raw"] = entry["save_s"] / raw

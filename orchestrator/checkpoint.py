@@ -144,7 +144,8 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         msd, osd = get_state_dict(self.b.meta, self.b.optimizer)
         state = {"model": msd, "optim": osd}
-        writer = FsspecWriter(url, **storage_options_for(url, self.so))
+        writer = (dcp.FileSystemWriter(fs_for(url)[1]) if protocol_of(url) == "file"  # no fsspec layer
+                  else FsspecWriter(url, **storage_options_for(url, self.so)))
         if self.async_save:
             fut = dcp.async_save(state, storage_writer=writer, process_group=self._pg)
             self._pending = (step, url, fut, time.perf_counter())
@@ -244,7 +245,9 @@ class Checkpointer:
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
             msd, osd = get_state_dict(self.b.meta, self.b.optimizer)
             state = {"model": msd, "optim": osd}
-            dcp.load(state, storage_reader=FsspecReader(url, **storage_options_for(url, self.so)))
+            reader = (dcp.FileSystemReader(fs_for(url)[1]) if protocol_of(url) == "file"
+                      else FsspecReader(url, **storage_options_for(url, self.so)))
+            dcp.load(state, storage_reader=reader)
             set_state_dict(self.b.meta, self.b.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
         else:
