@@ -212,6 +212,6 @@ def test_highres_then_distill_start_from_the_previous_phase(curves, cifar):
     assert di["teacher.backbone.pos_embed"].shape == (1, 17, 64)   # highres 48 px -> distill crops 32 px
     assert len(teacher) > 10 and all(torch.equal(v, hi[n]) for n, v in teacher.items()
                                      if not n.endswith("pos_embed"))   # the frozen highres teacher
-    bb = build_backbone("vit_pico", img_size=48, patch_size=8)
+    bb = build_backbone("vit_pico", img_size=32, patch_size=8)   # distill runs at the job's 32 px crops
     bb.load_state_dict(torch.load(f"{root}/distill-vit_pico/final/backbone.pth", weights_only=True), strict=True)
     assert checkpoint.final_info(f"{root}/distill-vit_pico")["steps"] == 3
