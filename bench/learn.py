@@ -1,0 +1,235 @@
+"""Learning benchmark: k-NN accuracy on CIFAR-10 against pretraining time (a benchmark, not a CI test).
+
+    .venv/bin/python bench/learn.py                          # ~55 min on the 2-core dev box
+    .venv/bin/python bench/learn.py --steps 300 --evals 3    # a quick look (~5 min)
+    .venv/bin/python bench/learn.py --job jobs/smoke_cpu.yaml --set optim.base_lr=0.002 ...
+
+What it does, in one process (no Ray, so no per-phase start-up cost):
+  1. decodes the labelled CIFAR-10 shards (data.eval_train / data.eval_test of the job) once, with the
+     same preprocessing as `dinoray eval knn` (orchestrator.evaluate);
+  2. prints the baselines measured with the same k-NN (k=20 and 10, T=0.07, cosine, the whole train
+     split as memory bank, the test split as queries): raw pixels (mean-centred, L2-normalised) and a
+     randomly initialised backbone of the trained arch without LayerScale;
+  3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
+     --set) on the train shards without labels: the worker loop of orchestrator/worker.py
+     (schedules -> loss -> backward -> clip -> AdamW -> EMA), on one rank with the global batch;
+  4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and
+     prints the curve: step, images seen, training seconds (k-NN time excluded), k-NN top-1.
+
+Data: the job's shards (build them with `.venv/bin/python -m orchestrator.demo --shards-only`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import build_backbone, normalize_images  # noqa: E402
+from model.schedules import apply_schedules, build_schedules, param_groups  # noqa: E402
+from orchestrator import config, evaluate, train  # noqa: E402
+from orchestrator.loader import MultiCropLoader  # noqa: E402
+
+# The 60-minute recipe on top of the smoke job (whose values and reasons are in jobs/smoke_cpu.yaml):
+# the same model and crops, trained for longer.
+BENCH_SETS = [
+    "phases.pretrain.steps=3000",
+    "optim.warmup_iters=100",
+    "optim.teacher_temp_warmup_iters=300",
+    "optim.freeze_last_layer_iters=20",
+    "optim.momentum_teacher=[0.994,1.0]",
+    "optim.weight_decay=[0.04,0.2]",
+]
+
+
+def load_split(url: str, image_size: int, cache: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, 3, S, S] and int64 [N] of a labelled shard set (evaluate's decode + resize)."""
+    if cache and os.path.exists(cache):
+        d = torch.load(cache, weights_only=True)
+        return d["x"], d["y"]
+    imgs, labels = [], []
+    for data, label in evaluate.iter_labelled(url):
+        imgs.append(evaluate._to_tensor(data, image_size))
+        labels.append(label)
+    x, y = torch.stack(imgs), torch.tensor(labels)
+    if cache:
+        torch.save({"x": x, "y": y}, cache)
+    return x, y
+
+
+@torch.no_grad()
+def embed(net: torch.nn.Module, x: torch.Tensor, bs: int = 512) -> torch.Tensor:
+    was = net.training
+    net.eval()
+    out = torch.cat([F.normalize(net(normalize_images(x[i:i + bs])).float(), dim=-1) for i in range(0, len(x), bs)])
+    net.train(was)
+    return out
+
+
+def knn(net, data, ks=(20, 10)) -> dict[int, float]:
+    (xtr, ytr), (xte, yte) = data
+    return evaluate.knn_accuracy(embed(net, xtr), ytr, embed(net, xte), yte, ks=ks, temperature=0.07)
+
+
+def raw_pixels(data, ks=(20, 10)) -> dict[int, float]:
+    (xtr, ytr), (xte, yte) = data
+    ftr, fte = xtr.flatten(1).float(), xte.flatten(1).float()
+    mean = ftr.mean(0)
+    return evaluate.knn_accuracy(F.normalize(ftr - mean, dim=-1), ytr, F.normalize(fte - mean, dim=-1), yte,
+                                 ks=ks, temperature=0.07)
+
+
+def make_loader(job, r, aug: dict, num_workers: int) -> MultiCropLoader:
+    c, m = r.crops, r.model
+    crops = dict(global_size=c.global_size, local_size=c.local_size, n_global=c.n_global, n_local=c.n_local,
+                 global_scale=c.global_scale, local_scale=c.local_scale, **aug)
+    mask = dict(mask_ratio_min_max=tuple(m.mask_ratio_min_max), mask_probability=m.mask_probability)
+    return MultiCropLoader(job.data.train, batch_size=r.optim.batch_size, rank=0, world_size=1, seed=job.seed,
+                           crops=crops, patch_size=m.patch_size, mask=mask, num_workers=num_workers)
+
+
+def pct(acc: dict) -> str:
+    return " ".join(f"k={k} {100 * v:5.2f}%" for k, v in acc.items())
+
+
+def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
+    """The worker loop of orchestrator/worker.py on one rank; k-NN of `evaluated` along the way."""
+    steps, o = r.phase.steps, r.optim
+    opt = torch.optim.AdamW(param_groups(meta.student, layer_decay=o.layer_decay,
+                                         patch_embed_lr_mult=o.patch_embed_lr_mult), lr=0.0, betas=o.adamw_betas)
+    sched = build_schedules(steps, base_lr=o.base_lr, batch_size=o.batch_size, warmup_iters=o.warmup_iters,
+                            min_lr=o.min_lr, wd=o.weight_decay, momentum=o.momentum_teacher,
+                            teacher_temp=o.teacher_temp, teacher_temp_warmup_iters=o.teacher_temp_warmup_iters,
+                            freeze_last_layer_iters=o.freeze_last_layer_iters)
+    loader = make_loader(job, r, json.loads(args.aug), args.loader_workers)
+    eval_at = sorted({int(round(steps * (i + 1) / args.evals)) for i in range(args.evals)})
+    print(f"[{label}] {steps} steps of {o.batch_size} images ({steps * o.batch_size / loader.total:.2f} epochs); "
+          f"k-NN at steps 0, {eval_at}", flush=True)
+    print(f"{'step':>6} {'images':>8} {'train_s':>8} {'wall_s':>7} {'img/s':>6} {'loss':>7}  k-NN top-1", flush=True)
+    acc = knn(evaluated, data)
+    print(f"{0:>6} {0:>8} {0.0:>8.0f} {time.perf_counter() - t_wall:>7.0f} {'':>6} {'':>7}  {pct(acc)}", flush=True)
+    curve = [(0, 0.0, acc)]
+    it, step, train_s, losses = iter(loader), 0, 0.0, []
+    t_limit = args.max_minutes * 60
+    while step < steps:
+        t_step = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        vals = apply_schedules(opt, sched, step)
+        opt.zero_grad(set_to_none=True)
+        loss, parts = meta(batch, teacher_temp=vals["teacher_temp"])
+        loss.backward()
+        params = [p for p in meta.student.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+        opt.step()
+        meta.update_ema_(vals["momentum"])
+        step += 1
+        losses.append(loss.item())
+        train_s += time.perf_counter() - t_step
+        over = time.perf_counter() - t_wall > t_limit
+        line = (f"{step:>6} {step * o.batch_size:>8} {train_s:>8.0f} {time.perf_counter() - t_wall:>7.0f} "
+                f"{step * o.batch_size / train_s:>6.0f} {np.mean(losses[-20:]):>7.3f}  ")
+        if step in eval_at or over:
+            acc = knn(evaluated, data)
+            curve.append((step, train_s, acc))
+            print(line + pct(acc), flush=True)
+        elif args.progress and step % args.progress == 0:
+            print(line + " ".join(f"{k} {float(v):.3f}" for k, v in parts.items()), flush=True)
+        if over:
+            print(f"stopped at step {step}/{steps}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+    return curve
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", default="jobs/smoke_cpu.yaml")
+    ap.add_argument("--set", action="append", default=[], help="job override a.b=c (after BENCH_SETS)")
+    ap.add_argument("--no-bench-sets", action="store_true", help="train the job's pretrain phase as it is")
+    ap.add_argument("--steps", type=int, default=None, help="shortcut for --set phases.pretrain.steps=N")
+    ap.add_argument("--evals", type=int, default=6, help="k-NN points along the run (plus step 0)")
+    ap.add_argument("--max-minutes", type=float, default=57.0, help="stop training (and evaluate) after this")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes doing the augmentation")
+    ap.add_argument("--aug", default="{}", help='extra MultiCrop args as JSON, e.g. {"blur_p": [0.5, 0.1, 0.2]}')
+    ap.add_argument("--train-limit", type=int, default=None, help="k-NN memory bank size (default: whole split)")
+    ap.add_argument("--cache", default=None, help="folder to keep the decoded eval images in (faster reruns)")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="then distill the trained teacher into the job's distill student for N steps")
+    ap.add_argument("--save", default=None, help="save the pretrained SSLMetaArch state dict here")
+    ap.add_argument("--load", default=None, help="skip pretraining: load an SSLMetaArch state dict saved by --save")
+    ap.add_argument("--progress", type=int, default=0, help="print a progress line every N steps")
+    args = ap.parse_args(argv)
+
+    t_wall = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    sets = ([] if args.no_bench_sets else list(BENCH_SETS)) + args.set
+    if args.steps:
+        sets.append(f"phases.pretrain.steps={args.steps}")
+    job = config.load_job(args.job, sets)
+    r = config.resolve(job, "pretrain")
+    print(f"job {args.job} + {sets}", flush=True)
+    print(f"model {json.dumps(config.model_cfg(r))}\ncrops {r.crops}\noptim {r.optim}", flush=True)
+
+    t0 = time.perf_counter()
+    cache = (lambda s: os.path.join(args.cache, f"knn_{s}_{r.eval.image_size}.pt")) if args.cache else (lambda s: None)
+    if args.cache:
+        os.makedirs(args.cache, exist_ok=True)
+    xtr, ytr = load_split(job.data.eval_train, r.eval.image_size, cache("train"))
+    xte, yte = load_split(job.data.eval_test, r.eval.image_size, cache("test"))
+    if args.train_limit:
+        xtr, ytr = xtr[:args.train_limit], ytr[:args.train_limit]
+    data = ((xtr, ytr), (xte, yte))
+    print(f"k-NN data: {len(xtr)} train / {len(xte)} test images decoded in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    if not args.skip_baselines:
+        print(f"baseline raw pixels (mean-centred, L2-normalised): {pct(raw_pixels(data))}", flush=True)
+        torch.manual_seed(job.seed)
+        rnd = build_backbone(r.model.arch, img_size=r.crops.global_size, patch_size=r.model.patch_size,
+                             layerscale_init=None)
+        print(f"baseline random-init {r.model.arch} (no LayerScale): {pct(knn(rnd, data))}", flush=True)
+
+    meta = train.build_meta(job, r, None)
+    if args.load:
+        meta.load_state_dict(torch.load(args.load, weights_only=True))
+        print(f"pretrained model loaded from {args.load}: {pct(knn(meta.teacher['backbone'], data))}", flush=True)
+    else:
+        curve = run(meta, meta.teacher["backbone"], job, r, data, args, t_wall, "pretrain")
+        best = max(curve, key=lambda c: c[2][20])
+        print(f"best k=20: {100 * best[2][20]:.2f}% at step {best[0]} ({best[1] / 60:.1f} min of training); "
+              f"total wall {(time.perf_counter() - t_wall) / 60:.1f} min", flush=True)
+    if args.save:
+        torch.save(meta.state_dict(), args.save)
+    if args.distill_steps:
+        from model import DistillMetaArch
+        from model.distill import DISTILL_DEFAULT_CFG
+        dsets = sets + [f"phases.distill.steps={args.distill_steps}"]
+        djob = config.load_job(args.job, dsets)
+        rd = config.resolve(djob, "distill")
+        student = rd.phase.students[0]
+        cfg = train._model_cfg(rd, student, DISTILL_DEFAULT_CFG)
+        cfg.update(teacher_arch=r.model.arch, teacher_ffn_layer=r.model.ffn_layer,
+                   teacher_num_register_tokens=r.model.num_register_tokens)
+        torch.manual_seed(job.seed)
+        dmeta = DistillMetaArch(cfg, meta.teacher).train()
+        print(f"distillation of the pretrained teacher into {student} (no highres phase in between): "
+              f"{rd.optim}", flush=True)
+        curve = run(dmeta, dmeta.student_ema["backbone"], djob, rd, data, args, t_wall, "distill")
+        print(f"distilled {student}: k=20 {100 * curve[-1][2][20]:.2f}%; total wall "
+              f"{(time.perf_counter() - t_wall) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
