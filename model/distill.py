@@ -3,6 +3,14 @@
 As in the DINOv2 paper (Sec. 5, "Distillation"): the teacher is frozen, the student sees no masking
 and no stochastic depth, the iBOT loss runs on every patch of both global crops, and an EMA of the
 student (`.student_ema`) is kept as the final model. Same forward signature and parts as SSLMetaArch.
+
+Optional, for short distillations (cfg["feature_loss_weight"] > 0; default 0 = the paper's recipe): a
+feature term, 1 - cosine between the student's normalised CLS token and the teacher's on the same
+global crop, through a linear `student["feat_proj"]` when the widths differ. It gives every image a
+dense target instead of a prototype assignment: on CIFAR-10 a pico student got within 0.3 k-NN points
+of its teacher in 100 steps, against +3 points in 60 steps with the DINO/iBOT terms (bench/learn.py).
+With dino_loss_weight = ibot_loss_weight = 0 the student has no heads, the teacher's heads and the
+local crops are not run, and a step costs about a quarter.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses as L
@@ -22,6 +31,7 @@ DISTILL_DEFAULT_CFG: dict = {
     "teacher_arch": "vit_giant2",
     "teacher_ffn_layer": None,
     "teacher_num_register_tokens": 0,
+    "feature_loss_weight": 0.0,
 }
 
 
@@ -39,8 +49,9 @@ class DistillMetaArch(nn.Module):
         self.cfg = cfg = resolve_cfg(cfg, DISTILL_DEFAULT_CFG)
         self.process_group = None
         backbone = build_backbone_from_cfg(cfg, drop_path=False, device=device)
-        self.student = nn.ModuleDict({"backbone": backbone, **build_heads(cfg, backbone.embed_dim, device)})
-        self.student_ema = freeze_(copy.deepcopy(self.student))
+        self.use_heads = cfg["dino_loss_weight"] > 0 or cfg["ibot_loss_weight"] > 0
+        heads = build_heads(cfg, backbone.embed_dim, device) if self.use_heads else {}
+        self.student = nn.ModuleDict({"backbone": backbone, **heads})
         if isinstance(teacher, nn.Module):
             t = teacher
         else:
@@ -54,10 +65,13 @@ class DistillMetaArch(nn.Module):
             if k not in t:
                 raise ValueError(f"distillation teacher has no {k!r} module; pass a ModuleDict with "
                                  "backbone, dino_head and optionally ibot_head")
-        if t["dino_head"].last_layer.out_features != self.student["dino_head"].last_layer.out_features:
+        if self.use_heads and t["dino_head"].last_layer.out_features != heads["dino_head"].last_layer.out_features:
             raise ValueError("teacher and student DINO heads have different numbers of prototypes; "
                              "set head_n_prototypes to the teacher's")
         self.teacher = freeze_(t)
+        if cfg["feature_loss_weight"] > 0 and backbone.embed_dim != t["backbone"].embed_dim:
+            self.student["feat_proj"] = nn.Linear(backbone.embed_dim, t["backbone"].embed_dim, device=device)
+        self.student_ema = freeze_(copy.deepcopy(self.student))
         n_proto = cfg["head_n_prototypes"]
         n_ibot = cfg["ibot_n_prototypes"] or n_proto
         it = cfg["sinkhorn_iterations"]
@@ -93,7 +107,7 @@ class DistillMetaArch(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         for m in self.student.values():
-            m.init_weights()
+            m.init_weights() if hasattr(m, "init_weights") else m.reset_parameters()
         ema_update_(*self.ema_pairs(), 0.0)
 
     def final_backbone(self) -> nn.Module:
@@ -109,31 +123,49 @@ class DistillMetaArch(nn.Module):
 
         with torch.no_grad():
             t_out = self.teacher["backbone"].forward_features(glob)
+        if n_l and self.use_heads:
+            s_outs = self.student["backbone"].forward_features_list([glob, normalize_images(loc)], [None, None])
+        else:
+            s_outs = [self.student["backbone"].forward_features(glob)]
+        s_gcls = s_outs[0]["x_norm_clstoken"]
+        koleo = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
+        zero = s_gcls.sum() * 0.0
+        parts = {"dino_global": zero, "dino_local": zero, "ibot": zero, "koleo": koleo}
+        if self.use_heads:
+            parts.update(self._head_losses(t_out, s_outs, teacher_temp, n_g, B))
+        loss = (cfg["dino_loss_weight"] * (parts["dino_global"] + parts["dino_local"])
+                + cfg["koleo_loss_weight"] * koleo + cfg["ibot_loss_weight"] * parts["ibot"])
+        if cfg["feature_loss_weight"] > 0:
+            parts["feature"] = self._feature_loss(s_gcls, t_out["x_norm_clstoken"])
+            loss = loss + cfg["feature_loss_weight"] * parts["feature"]
+        return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    def _head_losses(self, t_out: dict, s_outs: list[dict], teacher_temp: float, n_g: int, B: int) -> dict:
+        """DINO (global and local crops against the teacher's global crops) and iBOT on every patch."""
+        with torch.no_grad():
             t_cls_logits, t_patch_logits = _heads_forward(
                 self.teacher, t_out["x_norm_clstoken"], t_out["x_norm_patchtokens"].flatten(0, 1))
             t_cls = self.dino_centering(t_cls_logits, teacher_temp, self.process_group)
             t_patch = self.ibot_centering(t_patch_logits, teacher_temp, self.process_group)
-
-        xs = [glob] + ([normalize_images(loc)] if n_l else [])
-        s_outs = self.student["backbone"].forward_features_list(xs, [None] * len(xs))
-        s_gcls = s_outs[0]["x_norm_clstoken"]
+        n_l = s_outs[1]["x_norm_clstoken"].shape[0] // B if len(s_outs) > 1 else 0
         s_cls = torch.cat([o["x_norm_clstoken"] for o in s_outs])
         s_patch_tokens = s_outs[0]["x_norm_patchtokens"]
         n_tok = s_patch_tokens.shape[1]
         s_cls_logits, s_patch_logits = _heads_forward(self.student, s_cls, s_patch_tokens.flatten(0, 1))
         s_glob_logits, s_loc_logits = s_cls_logits[:n_g * B], s_cls_logits[n_g * B:]
-
-        T = cfg["student_temp"]
+        T = self.cfg["student_temp"]
         n_terms = max(n_g * (n_g - 1) + n_g * n_l, 1)
         s_chunks, t_chunks = s_glob_logits.chunk(n_g), t_cls.chunk(n_g)
         dino_global = sum(L.dino_loss([s_chunks[i]], [t_chunks[j]], T)
                           for i in range(n_g) for j in range(n_g) if i != j) / n_terms
         dino_local = (L.dino_loss(list(s_loc_logits.chunk(n_l)), list(t_chunks), T) / n_terms
                       if n_l else s_cls_logits.sum() * 0.0)
-        koleo = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
-        weight = torch.full((s_patch_logits.shape[0],), 1.0 / n_tok, device=glob.device)
+        weight = torch.full((s_patch_logits.shape[0],), 1.0 / n_tok, device=s_cls.device)
         ibot = L.ibot_loss(s_patch_logits, t_patch, weight, n_images=n_g * B, student_temp=T)
-        parts = {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}
-        loss = (cfg["dino_loss_weight"] * (dino_global + dino_local)
-                + cfg["koleo_loss_weight"] * koleo + cfg["ibot_loss_weight"] * ibot)
-        return loss, {k: v.detach().float() for k, v in parts.items()}
+        return {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot}
+
+    def _feature_loss(self, s_cls: Tensor, t_cls: Tensor) -> Tensor:
+        """1 - cos(student CLS [-> feat_proj], teacher CLS), same global crop."""
+        if "feat_proj" in self.student:
+            s_cls = self.student["feat_proj"](s_cls)
+        return 1 - F.cosine_similarity(s_cls.float(), t_cls.float(), dim=-1).mean()

@@ -47,6 +47,7 @@ class ModelCfg:
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
     gram_loss_weight: float = 0.0
+    feature_loss_weight: float = 0.0  # distill only: cosine to the teacher's tokens (model/distill.py); 0 = paper
     centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
     center_momentum: float = 0.9
     student_temp: float = 0.1
@@ -62,6 +63,8 @@ class CropsCfg:
     n_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # Gaussian blur: 1st global, 2nd global, local crops
+    solarize_p: float = 0.2                                # 2nd global crop
 
 
 @dataclass
@@ -420,6 +423,14 @@ def validate(job: JobSpec) -> None:
                     _fail(src, f"{where}.optim.{key}" if key in phase.optim else f"optim.{key}",
                           f"{getattr(r.optim, key)} is not shorter than the phase's {phase.steps} steps; "
                           f"lower it (e.g. --set phases.{phase.name}.optim.{key}=0)")
+        if phase.kind in ("pretrain", "highres") and r.model.feature_loss_weight:
+            _fail(src, f"{where}.model.feature_loss_weight" if "feature_loss_weight" in phase.model
+                  else "model.feature_loss_weight", f"a {phase.kind} phase has no teacher features to regress; "
+                  "set it only in a distill phase (phases.NAME.model.feature_loss_weight)")
+        if phase.kind == "distill" and not (r.model.dino_loss_weight or r.model.ibot_loss_weight
+                                            or r.model.feature_loss_weight):
+            _fail(src, f"{where}.model", "dino_loss_weight, ibot_loss_weight and feature_loss_weight are all 0: "
+                  "nothing to distil; set one of them above 0")
         if phase.kind in TRAINING_KINDS and r.crops.n_global != 2:
             _fail(src, "crops.n_global", "the DINO loss pairs exactly 2 global crops; set 2")
         for key in ("global_scale", "local_scale"):

@@ -148,15 +148,21 @@ def _run_eval(job, phase, log) -> dict:
     ray = _connect_ray(job)
     from orchestrator import evaluate
     r = config.resolve(job, phase)
-    task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)(evaluate.knn_eval)
+    opts = dict(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)
+
+    def ray_map(fn, arglist):  # one Ray task per group of shards, as many groups as training workers
+        task = ray.remote(**opts)(fn)
+        return ray.get([task.remote(*a) for a in arglist])
+
     metrics = {}
     for key, url in _backbone_urls(job, phase.from_phase).items():
-        log(f"[{phase.name}] k-NN of {key} (k={r.eval.ks}, T={r.eval.temperature})")
-        res = ray.get(task.remote(url, job.data.eval_train, job.data.eval_test, ks=tuple(r.eval.ks),
-                                  temperature=r.eval.temperature, image_size=r.eval.image_size,
-                                  batch_size=r.eval.batch_size, storage_options=job.storage_options,
-                                  train_limit=r.eval.max_train_images or None,
-                                  test_limit=r.eval.max_test_images or None))
+        log(f"[{phase.name}] k-NN of {key} (k={r.eval.ks}, T={r.eval.temperature}, {job.num_workers} tasks)")
+        res = evaluate.knn_eval(url, job.data.eval_train, job.data.eval_test, ks=tuple(r.eval.ks),
+                                temperature=r.eval.temperature, image_size=r.eval.image_size,
+                                batch_size=r.eval.batch_size, storage_options=job.storage_options,
+                                train_limit=r.eval.max_train_images or None,
+                                test_limit=r.eval.max_test_images or None,
+                                parallel=job.num_workers, map_fn=ray_map)
         metrics[key] = res
         log(f"[{phase.name}] {key}: " + ", ".join(f"k={k} {100 * v:.2f}%" for k, v in res["top1"].items()))
     return {"metrics": metrics}

@@ -67,15 +67,32 @@ def backbone_from_state_dict(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- data
+def iter_shard(shard_url: str, storage_options: dict | None = None):
+    """Yield (image bytes, label) of one shard's labelled samples, in tar order."""
+    with storage.open_url(shard_url, "rb", storage_options) as fh:
+        for _key, sample in shards.iter_tar_samples(fh):
+            img = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if img is not None and "cls" in sample:
+                yield img, int(sample["cls"])
+
+
 def iter_labelled(url: str, storage_options: dict | None = None):
     """Yield (image bytes, label) from every shard listed in URL/index.json, in index order."""
+    for shard_url, _ in shard_plan(url, storage_options):
+        yield from iter_shard(shard_url, storage_options)
+
+
+def shard_plan(url: str, storage_options: dict | None = None, limit: int | None = None) -> list[tuple[str, int]]:
+    """[(shard URL, images to take)] in index order, cut at `limit` images (the index counts)."""
     index, folder = shards.read_index(url, storage_options)
+    plan, left = [], float("inf") if limit is None else limit
     for info in index["shards"]:
-        with storage.open_url(storage.join(folder, info["name"]), "rb", storage_options) as fh:
-            for _key, sample in shards.iter_tar_samples(fh):
-                img = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-                if img is not None and "cls" in sample:
-                    yield img, int(sample["cls"])
+        if left <= 0:
+            break
+        take = int(min(int(info["count"]), left))
+        plan.append((storage.join(folder, info["name"]), take))
+        left -= take
+    return plan
 
 
 def _to_tensor(data: bytes, size: int) -> torch.Tensor:
@@ -91,36 +108,54 @@ def _to_tensor(data: bytes, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(net: torch.nn.Module, url: str, image_size: int, batch_size: int = 256,
-                     storage_options: dict | None = None, limit: int | None = None):
-    """L2-normalised CLS features and labels of every labelled image under URL."""
-    feats, labels, batch, batch_labels = [], [], [], []
-    device = next(net.parameters()).device
+def embed_shards(weights: str | dict, items: list[tuple[str, int, int]], image_size: int | None,
+                 batch_size: int = 256, storage_options: dict | None = None):
+    """L2-normalised CLS features and labels of labelled images [start, stop) of each (shard URL, start, stop).
+    One call is one unit of parallel work (a Ray task in the eval phase); `weights` as in knn_eval."""
+    sd = load_state_dict(weights, storage_options) if isinstance(weights, str) else weights
+    net = backbone_from_state_dict(sd)
+    size = image_size or infer_arch(sd)["img_size"]
+    feats, labels, batch = [], [], []
     # bf16 where matmuls are fast in it (GPUs, AVX-512/AMX CPUs); on AVX2-only CPUs it is several times slower.
+    device = next(net.parameters()).device
     fast_bf16 = device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16)
 
     def flush():
-        x = dmodel.normalize_images(torch.stack(batch).to(device))
         with autocast:
-            out = net(x)
+            out = net(dmodel.normalize_images(torch.stack(batch).to(device)))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
-        labels.extend(batch_labels)
         batch.clear()
-        batch_labels.clear()
 
-    for i, (img, label) in enumerate(iter_labelled(url, storage_options)):
-        if limit is not None and i >= limit:
-            break
-        batch.append(_to_tensor(img, image_size))
-        batch_labels.append(label)
-        if len(batch) == batch_size:
-            flush()
+    for shard_url, start, stop in items:
+        for i, (img, label) in enumerate(iter_shard(shard_url, storage_options)):
+            if i < start:
+                continue
+            if i >= stop:
+                break
+            batch.append(_to_tensor(img, size))
+            labels.append(label)
+            if len(batch) == batch_size:
+                flush()
     if batch:
         flush()
-    if not feats:
-        raise ValueError(f"{url}: no labelled images found (samples need an image and a .cls label)")
-    return torch.cat(feats), torch.tensor(labels)
+    return (torch.cat(feats) if feats else torch.empty(0)), torch.tensor(labels, dtype=torch.long)
+
+
+def _split_work(items: list[tuple[str, int]], parts: int) -> list[list[tuple[str, int, int]]]:
+    """Cut [(shard, n)] into `parts` groups of equal image counts (+-1), in order, as [(shard, start, stop)]
+    pieces: a shard may be split between two groups (the second skips the first's samples unread)."""
+    total = sum(n for _, n in items)
+    parts = max(1, min(parts, total))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    groups, offset = [[] for _ in range(parts)], 0
+    for shard_url, n in items:
+        for g in range(parts):
+            lo, hi = max(bounds[g], offset), min(bounds[g + 1], offset + n)
+            if lo < hi:
+                groups[g].append((shard_url, lo - offset, hi - offset))
+        offset += n
+    return [g for g in groups if g]
 
 
 # --------------------------------------------------------------------------- k-NN
@@ -145,17 +180,38 @@ def knn_accuracy(train_f, train_l, test_f, test_l, ks=(10, 20), temperature: flo
 
 def knn_eval(weights: str | dict, train_url: str, test_url: str, *, ks=(10, 20), temperature=0.07,
              image_size: int | None = None, batch_size: int = 256, storage_options: dict | None = None,
-             train_limit: int | None = None, test_limit: int | None = None) -> dict:
-    """Load weights, embed both splits and return {"top1": {k: acc}, "n_train", "n_test", "seconds"}."""
+             train_limit: int | None = None, test_limit: int | None = None, parallel: int = 1,
+             map_fn=None) -> dict:
+    """Embed both splits and return {"top1": {k: acc}, "n_train", "n_test", "image_size", "seconds"}.
+
+    The shards of both splits are cut into `parallel` groups of about equal size, each embedded by one
+    `embed_shards` call; `map_fn(fn, list_of_args) -> list_of_results` runs them (the eval phase passes
+    Ray tasks; the default runs them here, one after the other)."""
     t0 = time.time()
     sd = load_state_dict(weights, storage_options) if isinstance(weights, str) else weights
-    net = backbone_from_state_dict(sd)
     size = image_size or infer_arch(sd)["img_size"]
-    train_f, train_l = extract_features(net, train_url, size, batch_size, storage_options, train_limit)
-    test_f, test_l = extract_features(net, test_url, size, batch_size, storage_options, test_limit)
+    plans = {"train": shard_plan(train_url, storage_options, train_limit),
+             "test": shard_plan(test_url, storage_options, test_limit)}
+    tagged = [(split, item) for split, plan in plans.items() for item in plan]
+    groups = _split_work([item for _, item in tagged], parallel)
+    run = map_fn or (lambda fn, arglist: [fn(*a) for a in arglist])
+    outs = run(embed_shards, [(weights, g, size, batch_size, storage_options) for g in groups])
+    # back to per-split tensors: every group's rows follow its items' order, items follow `tagged`
+    counts = [n for _, (_, n) in tagged]
+    feats = torch.cat([f for f, _ in outs if len(f)]) if any(len(f) for f, _ in outs) else torch.empty(0)
+    labels = torch.cat([lab for _, lab in outs])
+    if len(labels) != sum(counts):
+        raise ValueError(f"{train_url} / {test_url}: index.json counts {sum(counts)} labelled images, shards "
+                         f"hold {len(labels)}; rebuild or check them with `dinoray shards verify`")
+    n_train = sum(n for split, (_, n) in tagged if split == "train")
+    train_f, train_l, test_f, test_l = feats[:n_train], labels[:n_train], feats[n_train:], labels[n_train:]
+    for url, n in ((train_url, len(train_l)), (test_url, len(test_l))):
+        if n == 0:
+            raise ValueError(f"{url}: no labelled images found (samples need an image and a .cls label)")
     acc = knn_accuracy(train_f, train_l, test_f, test_l, ks, temperature)
     return {"top1": {str(k): v for k, v in acc.items()}, "n_train": len(train_f), "n_test": len(test_f),
-            "image_size": size, "temperature": temperature, "seconds": round(time.time() - t0, 2)}
+            "image_size": size, "temperature": temperature, "parallel": len(groups),
+            "seconds": round(time.time() - t0, 2)}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -34,7 +34,7 @@ EXPORT_PREFIX = "ray_"  # what Ray prepends to application metric names
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 PHASE_STATES = ("pending", "running", "done", "failed")  # the controller's pipeline.json states
-LOSS_COMPONENTS = ("total", "dino_global", "dino_local", "ibot", "koleo", "gram")
+LOSS_COMPONENTS = ("total", "dino_global", "dino_local", "ibot", "koleo", "gram", "feature")
 
 _STEP = ("run", "phase")
 # name -> (type, help, label names). Totals are gauges because TRAIN reports run-wide

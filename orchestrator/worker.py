@@ -22,7 +22,7 @@ from . import backends, checkpoint, config
 from .storage import atomic_write_bytes, fs_for, join, protocol_of
 from .train import build_meta, make_loader, run_url, train_flops_per_image
 
-PART_KEYS = ("dino_global", "dino_local", "ibot", "koleo", "gram")
+PART_KEYS = ("dino_global", "dino_local", "ibot", "koleo", "gram", "feature")
 
 
 def worker_loop(cfg: dict) -> None:

@@ -49,6 +49,7 @@ def test_unknown_key_suggests_the_right_one():
     ("storage_options.secret=abc", "credentials must not be in job files"),
     ("phases.highrs.steps=3", "no phase 'highrs'"),
     ("optim.warmup_iters=10", "optim.warmup_iters: 10 is not shorter than the phase's 10 steps"),
+    ("model.feature_loss_weight=1", "model.feature_loss_weight: a pretrain phase has no teacher features"),
 ])
 def test_impossible_values_are_refused_with_their_key(override, message):
     with pytest.raises(config.ConfigError) as err:
@@ -79,3 +80,9 @@ def test_missing_job_file_and_bad_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(config.ConfigError, match="bad.yaml: not valid YAML"):
         config.load_job(str(bad))
+
+
+def test_a_distill_phase_with_no_loss_term_is_refused():
+    with pytest.raises(config.ConfigError, match=r"phases\[2\]\.model: dino_loss_weight, ibot_loss_weight and "
+                                                 "feature_loss_weight are all 0"):
+        config.load_job("jobs/smoke_cpu.yaml", ["phases.distill.model.feature_loss_weight=0"])

@@ -57,3 +57,32 @@ def test_timm_names():
 def test_export_refuses_an_unfinished_phase(tmp_path):
     with pytest.raises(FileNotFoundError, match="phase 'pretrain' has not finished"):
         export.export_phase(str(tmp_path), "pretrain", "dinov2", str(tmp_path / "o.pth"))
+
+
+@pytest.mark.slow
+def test_knn_eval_split_into_parallel_groups_matches_one_group(cifar_shards):
+    torch.manual_seed(0)
+    net = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4, layerscale_init=None)
+    sd = net.state_dict()
+    items = evaluate.shard_plan(cifar_shards["train"], limit=7000)  # cuts the second 5,000-image shard
+    assert [n for _, n in items] == [5000, 2000]
+    groups = evaluate._split_work(items + evaluate.shard_plan(cifar_shards["test"], limit=500), 3)
+    assert [sum(b - a for _, a, b in g) for g in groups] == [2500, 2500, 2500]
+    assert [[(a, b) for _, a, b in g] for g in groups] == [[(0, 2500)], [(2500, 5000)], [(0, 2000), (0, 500)]]
+    f1, l1 = evaluate.embed_shards(sd, [(u, 0, n) for u, n in items + evaluate.shard_plan(cifar_shards["test"], limit=500)], 32)
+    parts = [evaluate.embed_shards(sd, g, 32) for g in groups]
+    assert torch.equal(torch.cat([lab for _, lab in parts]), l1) and len(l1) == 7500
+    torch.testing.assert_close(torch.cat([f for f, _ in parts]), f1, atol=1e-5, rtol=0)
+    calls = []
+
+    def recording_map(fn, arglist):
+        calls.append(len(arglist))
+        return [fn(*a) for a in arglist]
+
+    one = evaluate.knn_eval(sd, cifar_shards["train"], cifar_shards["test"], train_limit=7000, test_limit=500)
+    three = evaluate.knn_eval(sd, cifar_shards["train"], cifar_shards["test"], train_limit=7000, test_limit=500,
+                              parallel=3, map_fn=recording_map)
+    assert calls == [3] and three["parallel"] == 3 and (three["n_train"], three["n_test"]) == (7000, 500)
+    for k in ("10", "20"):
+        assert abs(three["top1"][k] - one["top1"][k]) <= 1 / 500  # at most one tie broken differently
+    assert one["top1"]["20"] > 0.15  # a random pico already beats chance (10%) on CIFAR-10

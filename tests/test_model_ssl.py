@@ -155,3 +155,32 @@ def test_distill_arch():
     with pytest.raises(ValueError, match="no keys under"):
         DistillMetaArch({**TINY, "teacher_arch": "vit_tiny"},
                         teacher={"x." + k: v for k, v in ssl.teacher.state_dict().items()})
+
+
+def test_distill_feature_term_regresses_the_teacher_cls():
+    torch.manual_seed(0)
+    m = DistillMetaArch({**TINY, "teacher_arch": "vit_tiny", "feature_loss_weight": 2.0}).train()
+    proj = m.student["feat_proj"]  # widths differ (64 -> 192): a learned projection
+    assert (proj.in_features, proj.out_features) == (64, 192) and "feat_proj" in m.student_ema
+    batch = make_batch()
+    loss, parts = m(batch, teacher_temp=0.05)
+    assert 0.0 < parts["feature"] < 2.0  # 1 - mean cosine
+    want = parts["dino_global"] + parts["dino_local"] + 0.1 * parts["koleo"] + parts["ibot"] + 2.0 * parts["feature"]
+    assert torch.allclose(loss.detach(), want, atol=1e-5)
+    # same width, heads off: no projection, no student heads, and the term alone moves the student's
+    # own CLS onto the teacher's
+    t = SSLMetaArch(TINY).teacher
+    f = DistillMetaArch({**TINY, "teacher_arch": "vit_pico", "feature_loss_weight": 1.0, "dino_loss_weight": 0.0,
+                         "ibot_loss_weight": 0.0, "koleo_loss_weight": 0.0}, teacher=t).train()
+    assert set(f.student) == {"backbone"}
+    opt = torch.optim.AdamW(f.student.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss, parts = f(batch, teacher_temp=0.05)
+        first = parts["feature"] if first is None else first
+        assert parts["dino_global"] == 0 and parts["ibot"] == 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["feature"] < 0.3 * first
+    assert all(p.grad is None for p in f.teacher.parameters())

@@ -1,7 +1,8 @@
 """The controller end to end on a real local Ray cluster with CIFAR-10 shards.
 
-- the smoke pipeline runs every phase, learns (k-NN beats a LayerScale-free random init by 5 points),
-  hands weights from phase to phase correctly and exports weights that load with strict=True;
+- `ray job submit` of the smoke pipeline to a `ray start --head` cluster on 127.0.0.1 uploads a working
+  dir without .venv and .git, runs every phase, learns (k-NN beats a LayerScale-free random init by
+  5 points), hands weights from phase to phase correctly and exports weights that load with strict=True;
 - a driver killed mid-phase and re-run redoes no finished phase and continues the step count;
 - the lock refuses a second concurrent driver.
 """
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import model as dmodel
+from conftest import BIN
 from orchestrator import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +48,17 @@ def state_of(run):
     return json.loads((Path(run) / "pipeline.json").read_text())
 
 
-def test_smoke_pipeline_end_to_end(tmp_path, cifar_shards):
-    rc, out = finish(dinoray("run", "jobs/smoke_cpu.yaml", *smoke_args(tmp_path, cifar_shards)), timeout=1200)
-    assert rc == 0, out
+def test_smoke_pipeline_end_to_end_via_ray_job_submit(ray_head, tmp_path, cifar_shards):
+    address, env = ray_head
+    sets = " ".join(smoke_args(tmp_path, cifar_shards))
+    res = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                          "bash", "-c", f"ls -a && dinoray run jobs/smoke_cpu.yaml {sets}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    listing = set(out.split())  # `ls -a` of the uploaded working dir (Ray's 100 MiB package limit)
+    assert {"jobs", "orchestrator", "model"} <= listing, out[-3000:]
+    assert ".venv" not in listing and ".git" not in listing, "the uploaded working dir carried .venv or .git"
     run = tmp_path / "smoke"
     state = state_of(run)
     assert [p["state"] for p in state["phases"]] == ["done"] * len(state["phases"]), out
@@ -78,15 +88,12 @@ def test_smoke_pipeline_end_to_end(tmp_path, cifar_shards):
     net.load_state_dict(exported, strict=True)
     assert (run / "report" / "report.md").exists() and (run / "report" / "losses.png").stat().st_size > 1000
 
-    # learning is real: both the pretrained backbone and the distilled student must beat the
-    # LayerScale-free random-init tiny ViT (30.3% with this k-NN) by at least 5 points. Not reached yet
-    # with a smoke run of this length: reported as an expected failure with the measured numbers, after
-    # every other assertion above has passed.
+    # learning is real: both the pretrained backbone and the distilled student beat the LayerScale-free
+    # random-init tiny ViT (30.3% with this k-NN: k=20, T=0.07, cosine, 50k train / 10k test) by 5 points
     knn = {src: res["top1"]["20"] for p in state["phases"] if p["kind"] == "eval" for src, res in p["metrics"].items()}
-    print("k-NN top-1 (k=20):", knn)
-    assert set(knn) == {"pretrain", "distill-vit_pico"} and all(0.0 < v <= 1.0 for v in knn.values()), knn
-    if min(knn.values()) < 0.353:
-        pytest.xfail(f"k-NN target 35.3% not reached: {knn} (see bench/learn.py)")
+    print("k-NN top-1 (k=20):", knn, "pipeline seconds:", round(state["phases"][-1]["finished"] - state["created"]))
+    assert set(knn) == {"pretrain", "distill-vit_pico"}, knn
+    assert min(knn.values()) >= 0.353, f"k-NN below the 35.3% target: {knn}"
 
 
 def test_killed_driver_resumes_without_redoing_phases(tmp_path, cifar_shards):
