@@ -423,6 +423,11 @@ def validate(job: JobSpec) -> None:
                     _fail(src, f"{where}.optim.{key}" if key in phase.optim else f"optim.{key}",
                           f"{getattr(r.optim, key)} is not shorter than the phase's {phase.steps} steps; "
                           f"lower it (e.g. --set phases.{phase.name}.optim.{key}=0)")
+        peak = r.optim.base_lr * (r.optim.batch_size / 1024) ** 0.5
+        if phase.kind in TRAINING_KINDS and r.optim.min_lr > peak:
+            _fail(src, f"{where}.optim.min_lr" if "min_lr" in phase.optim else "optim.min_lr",
+                  f"{r.optim.min_lr} is above the phase's peak lr {peak:.3g} (base_lr {r.optim.base_lr} x "
+                  f"sqrt({r.optim.batch_size}/1024)): the cosine would climb; lower it")
         if phase.kind in ("pretrain", "highres") and r.model.feature_loss_weight:
             _fail(src, f"{where}.model.feature_loss_weight" if "feature_loss_weight" in phase.model
                   else "model.feature_loss_weight", f"a {phase.kind} phase has no teacher features to regress; "

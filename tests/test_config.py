@@ -49,6 +49,7 @@ def test_unknown_key_suggests_the_right_one():
     ("storage_options.secret=abc", "credentials must not be in job files"),
     ("phases.highrs.steps=3", "no phase 'highrs'"),
     ("optim.warmup_iters=10", "optim.warmup_iters: 10 is not shorter than the phase's 10 steps"),
+    ("optim.min_lr=0.5", "optim.min_lr: 0.5 is above the phase's peak lr"),
     ("model.feature_loss_weight=1", "model.feature_loss_weight: a pretrain phase has no teacher features"),
 ])
 def test_impossible_values_are_refused_with_their_key(override, message):
