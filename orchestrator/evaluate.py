@@ -192,22 +192,24 @@ def knn_eval(weights: str | dict, train_url: str, test_url: str, *, ks=(10, 20),
     size = image_size or infer_arch(sd)["img_size"]
     plans = {"train": shard_plan(train_url, storage_options, train_limit),
              "test": shard_plan(test_url, storage_options, test_limit)}
+    for split, url in (("train", train_url), ("test", test_url)):
+        if not sum(n for _, n in plans[split]):
+            raise ValueError(f"{url}: its index.json lists no samples; build labelled shards with "
+                             "`dinoray shards build` from class folders")
     tagged = [(split, item) for split, plan in plans.items() for item in plan]
     groups = _split_work([item for _, item in tagged], parallel)
     run = map_fn or (lambda fn, arglist: [fn(*a) for a in arglist])
     outs = run(embed_shards, [(weights, g, size, batch_size, storage_options) for g in groups])
     # back to per-split tensors: every group's rows follow its items' order, items follow `tagged`
-    counts = [n for _, (_, n) in tagged]
-    feats = torch.cat([f for f, _ in outs if len(f)]) if any(len(f) for f, _ in outs) else torch.empty(0)
     labels = torch.cat([lab for _, lab in outs])
-    if len(labels) != sum(counts):
-        raise ValueError(f"{train_url} / {test_url}: index.json counts {sum(counts)} labelled images, shards "
-                         f"hold {len(labels)}; rebuild or check them with `dinoray shards verify`")
+    listed = sum(n for _, (_, n) in tagged)
+    if len(labels) != listed:
+        raise ValueError(f"{train_url} / {test_url}: index.json lists {listed} samples but {len(labels)} carry an "
+                         "image and a .cls label; the k-NN needs labelled shards (`dinoray shards build` of class "
+                         "folders); check them with `dinoray shards verify`")
+    feats = torch.cat([f for f, _ in outs if len(f)])
     n_train = sum(n for split, (_, n) in tagged if split == "train")
     train_f, train_l, test_f, test_l = feats[:n_train], labels[:n_train], feats[n_train:], labels[n_train:]
-    for url, n in ((train_url, len(train_l)), (test_url, len(test_l))):
-        if n == 0:
-            raise ValueError(f"{url}: no labelled images found (samples need an image and a .cls label)")
     acc = knn_accuracy(train_f, train_l, test_f, test_l, ks, temperature)
     return {"top1": {str(k): v for k, v in acc.items()}, "n_train": len(train_f), "n_test": len(test_f),
             "image_size": size, "temperature": temperature, "parallel": len(groups),
