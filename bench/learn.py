@@ -21,6 +21,7 @@ Data: the job's shards (build them with `.venv/bin/python -m orchestrator.demo -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -84,10 +85,8 @@ def raw_pixels(data, ks=(20, 10)) -> dict[int, float]:
 
 
 def make_loader(job, r, aug: dict, num_workers: int) -> MultiCropLoader:
-    c, m = r.crops, r.model
-    crops = {**dict(global_size=c.global_size, local_size=c.local_size, n_global=c.n_global, n_local=c.n_local,
-                    global_scale=c.global_scale, local_scale=c.local_scale, blur_p=c.blur_p,
-                    solarize_p=c.solarize_p), **aug}
+    m = r.model
+    crops = {**dataclasses.asdict(r.crops), **aug}
     mask = dict(mask_ratio_min_max=tuple(m.mask_ratio_min_max), mask_probability=m.mask_probability)
     return MultiCropLoader(job.data.train, batch_size=r.optim.batch_size, rank=0, world_size=1, seed=job.seed,
                            crops=crops, patch_size=m.patch_size, mask=mask, num_workers=num_workers)

@@ -373,6 +373,7 @@ def resolve(job: JobSpec, phase: PhaseSpec | str) -> ResolvedPhase:
 
 def validate(job: JobSpec) -> None:
     """Refuse impossible values before any Ray resource is taken."""
+    from model.schedules import scaled_lr  # the one lr scaling rule (pulls in torch: imported here, not at the top)
     src = job.source
     if not job.storage.strip():
         _fail(src, "storage", "missing storage root; set a local path or an s3:// / gs:// URL")
@@ -423,7 +424,7 @@ def validate(job: JobSpec) -> None:
                     _fail(src, f"{where}.optim.{key}" if key in phase.optim else f"optim.{key}",
                           f"{getattr(r.optim, key)} is not shorter than the phase's {phase.steps} steps; "
                           f"lower it (e.g. --set phases.{phase.name}.optim.{key}=0)")
-        peak = r.optim.base_lr * (r.optim.batch_size / 1024) ** 0.5
+        peak = scaled_lr(r.optim.base_lr, r.optim.batch_size)
         if phase.kind in TRAINING_KINDS and r.optim.min_lr > peak:
             _fail(src, f"{where}.optim.min_lr" if "min_lr" in phase.optim else "optim.min_lr",
                   f"{r.optim.min_lr} is above the phase's peak lr {peak:.3g} (base_lr {r.optim.base_lr} x "

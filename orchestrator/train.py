@@ -11,6 +11,7 @@ from the last committed checkpoint; a phase whose final/DONE exists returns at o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -132,10 +133,7 @@ def build_meta(job: config.JobSpec, r: config.ResolvedPhase, student_arch: str |
 
 
 def make_loader(job, r: config.ResolvedPhase, rank: int, world: int, state):
-    c = r.crops
-    crops = dict(global_size=c.global_size, local_size=c.local_size, n_global=c.n_global,
-                 n_local=c.n_local, global_scale=c.global_scale, local_scale=c.local_scale, blur_p=c.blur_p,
-                 solarize_p=c.solarize_p)
+    crops = dataclasses.asdict(r.crops)  # every CropsCfg field is a MultiCrop argument
     kw = dict(batch_size=r.optim.batch_size // world, rank=rank, world_size=world, seed=job.seed,
               crops=crops, patch_size=r.model.patch_size, state=state)
     if job.data.train.startswith("synthetic://"):

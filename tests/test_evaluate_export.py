@@ -69,7 +69,8 @@ def test_knn_eval_split_into_parallel_groups_matches_one_group(cifar_shards):
     groups = evaluate._split_work(items + evaluate.shard_plan(cifar_shards["test"], limit=500), 3)
     assert [sum(b - a for _, a, b in g) for g in groups] == [2500, 2500, 2500]
     assert [[(a, b) for _, a, b in g] for g in groups] == [[(0, 2500)], [(2500, 5000)], [(0, 2000), (0, 500)]]
-    f1, l1 = evaluate.embed_shards(sd, [(u, 0, n) for u, n in items + evaluate.shard_plan(cifar_shards["test"], limit=500)], 32)
+    whole = [(u, 0, n) for u, n in items + evaluate.shard_plan(cifar_shards["test"], limit=500)]
+    f1, l1 = evaluate.embed_shards(sd, whole, 32)
     parts = [evaluate.embed_shards(sd, g, 32) for g in groups]
     assert torch.equal(torch.cat([lab for _, lab in parts]), l1) and len(l1) == 7500
     torch.testing.assert_close(torch.cat([f for f, _ in parts]), f1, atol=1e-5, rtol=0)

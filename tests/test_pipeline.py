@@ -23,8 +23,9 @@ from orchestrator import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-TINY = ["model.arch=vit_pico", "optim.batch_size=32", "optim.min_lr=1e-6", "optim.warmup_iters=0", "optim.teacher_temp_warmup_iters=0",
-        "optim.freeze_last_layer_iters=0", "phases.highres.optim.warmup_iters=0", "phases.distill.optim.warmup_iters=0",
+TINY = ["model.arch=vit_pico", "optim.batch_size=32", "optim.min_lr=1e-6", "optim.warmup_iters=0",
+        "optim.teacher_temp_warmup_iters=0", "optim.freeze_last_layer_iters=0", "phases.highres.optim.warmup_iters=0",
+        "phases.distill.optim.warmup_iters=0",
         "eval.max_train_images=2000", "eval.max_test_images=500"]
 
 

@@ -46,8 +46,9 @@ def _train_steps(tmp_path, cifar_shards):
 
     job = config.load_job(str(REPO / "jobs" / "smoke_cpu.yaml"), [
         f"name={RUN}", f"storage={tmp_path}", f"data.train={cifar_shards['train']}",
-        "model.arch=vit_pico", "optim.batch_size=32", "optim.min_lr=1e-6", "phases.pretrain.steps=40", "optim.warmup_iters=0",
-        "optim.teacher_temp_warmup_iters=0", "optim.freeze_last_layer_iters=0", "debug.step_sleep_s=0.5"])
+        "model.arch=vit_pico", "optim.batch_size=32", "optim.min_lr=1e-6", "phases.pretrain.steps=40",
+        "optim.warmup_iters=0", "optim.teacher_temp_warmup_iters=0", "optim.freeze_last_layer_iters=0",
+        "debug.step_sleep_s=0.5"])
     pool = ThreadPoolExecutor(1)
     return pool.submit(train.run_phase, job, "pretrain"), tmp_path / RUN / "pretrain" / "metrics.jsonl"
 
