@@ -17,7 +17,7 @@ hue via PIL HSV + uint8 shift), RandomGrayscale p=0.2 (convert("L") stacked x3),
 reflect padding), RandomSolarize(128) p=0.2 on the second global crop (ImageOps.solarize),
 ToTensor + Normalize(ImageNet). Blur probabilities 1.0 / 0.1 / 0.5 as in the paper for both pipelines.
 
-Ours = orchestrator.augment.MultiCrop through MultiCropLoader._make_batch (uint8 out; the model
+Ours = orchestrator.data.augment.MultiCrop through MultiCropLoader._make_batch (uint8 out; the model
 normalises on the accelerator). The printed pixel statistics (mean/std per crop type on the 0-255
 scale) show both produce the same output distribution.
 """
@@ -207,8 +207,8 @@ def _stats(batch, normalized):
 
 
 def compare(name, datas, seconds, batch_size, seed=0, torchvision=False):
-    from orchestrator.augment import MultiCrop
-    from orchestrator.loader import MultiCropLoader
+    from orchestrator.data.augment import MultiCrop
+    from orchestrator.data.loader import MultiCropLoader
 
     ours = MultiCropLoader.__new__(MultiCropLoader)  # only _make_batch: no shards needed
     ours.aug, ours.patch, ours.seed, ours.rank, ours.B = MultiCrop(), 14, seed, 0, batch_size

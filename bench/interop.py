@@ -3,7 +3,7 @@
     python3 bench/interop.py
 
 For ViT-S/14 and ViT-S/14 with registers (random weights, 518 px as released): our backbone's state
-dict, exported with `orchestrator.export.to_timm`, loads into timm's `vit_small_patch14_dinov2` /
+dict, exported with `orchestrator.eval.export.to_timm`, loads into timm's `vit_small_patch14_dinov2` /
 `vit_small_patch14_reg4_dinov2` with strict=True, and both give the same normalised CLS and patch
 tokens at 518 px (no position-embedding interpolation involved); at 224 px the register model matches
 too, while the model without registers differs by timm's interpolation (it omits the reference's
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as dmodel  # noqa: E402
-from orchestrator.export import to_timm  # noqa: E402
+from orchestrator.eval.export import to_timm  # noqa: E402
 
 
 def check(hub_name: str, timm_name: str) -> bool:

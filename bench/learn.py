@@ -6,7 +6,7 @@
 
 What it does, in one process (no Ray, so no per-phase start-up cost):
   1. decodes the labelled CIFAR-10 shards (data.eval_train / data.eval_test of the job) once, with the
-     same preprocessing as `dinoray eval knn` (orchestrator.evaluate);
+     same preprocessing as `dinoray eval knn` (orchestrator.eval.knn);
   2. prints the baselines measured with the same k-NN (k=20 and 10, T=0.07, cosine, the whole train
      split as memory bank, the test split as queries): raw pixels (mean-centred, L2-normalised) and a
      randomly initialised backbone of the trained arch without LayerScale;
@@ -35,8 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import build_backbone, normalize_images  # noqa: E402
 from model.schedules import apply_schedules, build_schedules, param_groups  # noqa: E402
-from orchestrator import config, evaluate, train  # noqa: E402
-from orchestrator.loader import MultiCropLoader  # noqa: E402
+from orchestrator.pipeline import config  # noqa: E402
+from orchestrator.eval import knn as evaluate  # noqa: E402
+from orchestrator.training import driver as train  # noqa: E402
+from orchestrator.data.loader import MultiCropLoader  # noqa: E402
 
 # The 60-minute recipe on top of the smoke job (whose values and reasons are in jobs/smoke_cpu.yaml):
 # the same model, crops and optimiser, on a schedule long enough for the time limit (it stops there).
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
                              layerscale_init=None)
         print(f"baseline random-init {r.model.arch} (no LayerScale): {pct(knn(rnd, data))}", flush=True)
 
-    meta = train.build_meta(job, r, None)
+    meta = setup.build_meta(job, r, None)
     if args.load:
         meta.load_state_dict(torch.load(args.load, weights_only=True))
         print(f"pretrained model loaded from {args.load}: {pct(knn(meta.teacher['backbone'], data))}", flush=True)
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
         djob = config.load_job(args.job, dsets)
         rd = config.resolve(djob, "distill")
         student = rd.phase.students[0]
-        cfg = train._model_cfg(rd, student, DISTILL_DEFAULT_CFG)
+        cfg = setup._model_cfg(rd, student, DISTILL_DEFAULT_CFG)
         cfg.update(teacher_arch=r.model.arch, teacher_ffn_layer=r.model.ffn_layer,
                    teacher_num_register_tokens=r.model.num_register_tokens)
         torch.manual_seed(job.seed)

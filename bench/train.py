@@ -20,7 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from orchestrator import checkpoint, config, train  # noqa: E402
+from orchestrator.training import checkpoint  # noqa: E402
+from orchestrator.pipeline import config  # noqa: E402
+from orchestrator.training import driver as train  # noqa: E402
 
 
 def job(root, name, backend, arch="vit_pico", protos=256, steps=30, every=10, async_save=True):

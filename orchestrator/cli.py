@@ -19,11 +19,11 @@ import sys
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "orchestrator.controller",   # validate, run, status
-    "orchestrator.shards",       # shards build / verify
-    "orchestrator.databench",    # bench data
-    "orchestrator.evaluate",     # eval knn
-    "orchestrator.export",       # export
+    "orchestrator.pipeline.controller",   # validate, run, status
+    "orchestrator.data.shards",       # shards build / verify
+    "orchestrator.data.bench",    # bench data
+    "orchestrator.eval.knn",     # eval knn
+    "orchestrator.eval.export",       # export
 )
 
 

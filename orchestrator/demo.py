@@ -22,7 +22,7 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
 def build_cifar_shards(out_dir: Path, splits=("train", "test"), log=print) -> dict[str, str]:
     """Build WebDataset shards of the CIFAR-10 tars once; returns {split: shard folder}."""
-    from orchestrator import shards
+    from orchestrator.data import shards
     urls = {}
     for split in splits:
         src = CIFAR / f"{split}.tar"
@@ -38,7 +38,7 @@ def build_cifar_shards(out_dir: Path, splits=("train", "test"), log=print) -> di
 
 
 def summary(state: dict) -> str:
-    from orchestrator import report
+    from orchestrator.pipeline import report
     rows = [f"{'phase':<14}{'kind':<9}{'state':<8}{'steps':>12}{'time s':>9}  final losses / k-NN"]
     knn = report.knn_table(state)
     for e in state["phases"]:
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     build_cifar_shards(REPO / "runs" / "shards")
     if args.shards_only:
         return 0
-    from orchestrator import config, controller
+    from orchestrator.pipeline import config
+    from orchestrator.pipeline import controller
     job = config.load_job(args.job, args.set)
     print(f"[demo] running {args.job}: phases {[p.name for p in job.phases]}, backend {job.backend}, "
           f"{job.num_workers} CPU workers, storage {job.storage}/{job.name}")

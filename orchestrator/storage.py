@@ -13,7 +13,7 @@
 - `redact(obj)` removes credentials from strings, URLs and (nested) dicts before anything is logged
   or written to index.json.
 
-No entrypoint; used by `dinoray shards ...` and `orchestrator.loader`.
+No entrypoint; used by `dinoray shards ...` and `orchestrator.data.loader`.
 """
 
 from __future__ import annotations
@@ -235,3 +235,145 @@ def redact(obj: Any, extra_secrets: tuple[str, ...] = ()) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, extra_secrets) for v in obj)
     return obj
+
+
+# ------------------------------------------------------------------------------------------ Store
+
+class Store:
+    """A storage location: a URL (local path or any fsspec URL) together with its options.
+
+    Everything that reads or writes run files takes a Store, so no caller ever carries a URL and
+    its options as two parameters, and nothing outside this module branches on local vs remote.
+    `store / "a" / "b"` is a child location. Writes are atomic (see `atomic_write_bytes`)."""
+
+    __slots__ = ("url", "options")
+
+    def __init__(self, url: str, options: dict | None = None):
+        if not url:
+            raise ValueError("empty storage URL; give a local path or an fsspec URL such as s3://bucket/prefix")
+        self.url = url.rstrip("/") or "/"
+        self.options = dict(options or {})
+
+    def __truediv__(self, part: str) -> "Store":
+        return Store(join(self.url, str(part)), self.options)
+
+    def __repr__(self) -> str:
+        return f"Store({redact(self.url)!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Store) and (self.url, self.options) == (other.url, other.options)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __reduce__(self):  # picklable for Ray tasks and workers
+        return (Store, (self.url, self.options))
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def is_local(self) -> bool:
+        return protocol_of(self.url) == "file"
+
+    @property
+    def local_path(self) -> str | None:
+        """The absolute filesystem path of a local location, None for a remote one."""
+        return os.path.abspath(fs_for(self.url)[1]) if self.is_local else None
+
+    def fs(self):
+        """(fsspec filesystem, path inside it)."""
+        return fs_for(self.url, self.options)
+
+    def fsspec_options(self) -> dict:
+        """The effective fsspec keyword arguments (environment defaults + the job's options)."""
+        return storage_options_for(self.url, self.options)
+
+    def exists(self) -> bool:
+        fs, path = self.fs()
+        if not self.is_local:
+            fs.invalidate_cache()
+        return fs.exists(path)
+
+    def isdir(self) -> bool:
+        fs, path = self.fs()
+        return fs.isdir(path)
+
+    def ls(self) -> list[str]:
+        """Names (not paths) of the entries directly under this location; [] if it does not exist."""
+        fs, path = self.fs()
+        fs.invalidate_cache()
+        try:
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def read_bytes(self) -> bytes:
+        fs, path = self.fs()
+        return fs.cat_file(path)
+
+    def read_json(self, default: Any = None) -> Any:
+        """The parsed JSON object here, or `default` when there is none."""
+        import json
+        if not self.exists():
+            return default
+        return json.loads(self.read_bytes())
+
+    def read_jsonl(self) -> list[dict]:
+        import json
+        if not self.exists():
+            return []
+        return [json.loads(ln) for ln in self.read_bytes().decode().splitlines() if ln.strip()]
+
+    def write_bytes(self, data: bytes) -> None:
+        atomic_write_bytes(self.url, data, self.options)
+
+    def write_json(self, obj: Any) -> None:
+        import json
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def put_file(self, local_path: str, move: bool = False) -> None:
+        atomic_put_file(local_path, self.url, self.options, move=move)
+
+    def open(self, mode: str = "rb"):
+        return open_url(self.url, mode, self.options)
+
+    def rm(self, recursive: bool = False) -> None:
+        """Remove this file (or folder, with recursive=True); a missing one is not an error."""
+        fs, path = self.fs()
+        if not self.is_local:
+            fs.invalidate_cache()
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            return
+        if recursive and not self.is_local:  # stores with real folders (SeaweedFS) keep an empty one
+            fs.invalidate_cache()
+            try:
+                fs.rm(path.rstrip("/") + "/")
+            except (FileNotFoundError, OSError):
+                pass
+
+    def staging_dir(self, prefix: str = "dinoray-") -> tuple[str, bool]:
+        """A local folder to write this location's files into: the location itself when it is local
+        (returns (path, False)), else a fresh temporary folder to upload from (returns (tmp, True))."""
+        if self.is_local:
+            os.makedirs(self.local_path, exist_ok=True)
+            return self.local_path, False
+        import tempfile
+        return tempfile.mkdtemp(prefix=prefix), True
+
+    def upload_dir(self, local_dir: str) -> None:
+        """Copy every file under `local_dir` to the same relative path under this location."""
+        for dirpath, _, files in os.walk(local_dir):
+            for fn in files:
+                full = os.path.join(dirpath, fn)
+                (self / os.path.relpath(full, local_dir).replace(os.sep, "/")).put_file(full)
+
+    def download_dir(self, local_dir: str) -> None:
+        fs, path = self.fs()
+        fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)

@@ -11,7 +11,7 @@ import torch
 from conftest import CIFAR_TEST_TAR
 from PIL import Image, ImageEnhance, ImageOps
 
-from orchestrator import augment as A
+from orchestrator.data import augment as A
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import data as ref  # noqa: E402  bench/data.py: the reference pipeline

@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator import backends, checkpoint, config
+from orchestrator.training import backends
+from orchestrator.training import checkpoint
+from orchestrator.pipeline import config
 
 pytestmark = [pytest.mark.slow]
 
@@ -68,11 +70,11 @@ def _entry(rank, world, port, q, fn, args):
 
 
 def _one_step(job):
-    from orchestrator import train
+    from orchestrator.training import setup
     r = config.resolve(job, "pretrain")
-    meta = train.build_meta(job, r, None)
+    meta = setup.build_meta(job, r, None)
     b = backends.build(meta, job, torch.device("cpu"), r.optim)
-    loader = train.make_loader(job, r, dist.get_rank(), dist.get_world_size(), None)
+    loader = setup.make_loader(job, r, dist.get_rank(), dist.get_world_size(), None)
     batch = next(iter(loader))
     for g in b.optimizer.param_groups:
         g["lr"] = 1e-3
@@ -132,9 +134,9 @@ def _save(rank, world, url):
 
 def _load(rank, world, url):
     job = tiny_job("fsdp2", num_workers=world)
-    from orchestrator import train
+    from orchestrator.training import setup
     r = config.resolve(job, "pretrain")
-    b = backends.build(train.build_meta(job, r, None), job, torch.device("cpu"), r.optim)
+    b = backends.build(setup.build_meta(job, r, None), job, torch.device("cpu"), r.optim)
     ck = checkpoint.Checkpointer(b, url, keep_last=2, async_save=False)
     extras = ck.load(checkpoint.latest(url)[1])
     state = {k: v for k, v in b.full_tensors()}
@@ -164,8 +166,8 @@ def _ds_variant(rank, world, stage, dtype):
 
 
 def _init_weight(job, name="student.backbone.blocks.0.attn.qkv.weight"):
-    from orchestrator import train
-    return train.build_meta(job, config.resolve(job, "pretrain"), None).state_dict()[name]
+    from orchestrator.training import setup
+    return setup.build_meta(job, config.resolve(job, "pretrain"), None).state_dict()[name]
 
 
 def _assert_half_way(full):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from orchestrator import checkpoint
+from orchestrator.training import checkpoint
 
 
 def _fake(run, step, committed=True):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import config
+from orchestrator.pipeline import config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {

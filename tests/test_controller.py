@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from orchestrator import config, controller
+from orchestrator.pipeline import config
+from orchestrator.pipeline import controller
 
 JOB = {
     "name": "ctl", "storage": "", "num_workers": 1,

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import model as dmodel
-from orchestrator import evaluate, export
+from orchestrator.eval import knn as evaluate
+from orchestrator.eval import export
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2_hub_state_dicts.json"
 
@@ -92,7 +93,7 @@ def test_knn_eval_split_into_parallel_groups_matches_one_group(cifar_shards):
 def test_knn_eval_on_unlabelled_shards_says_what_is_missing(tmp_path):
     from PIL import Image
 
-    from orchestrator import shards
+    from orchestrator.data import shards
     src = tmp_path / "flat"  # images with no class folders: shards without .cls labels
     src.mkdir()
     for i in range(6):

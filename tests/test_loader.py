@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import CIFAR_TEST_TAR
 
-from orchestrator import shards, storage
-from orchestrator.loader import DataBudgetError, MultiCropLoader
+from orchestrator.data import shards
+from orchestrator import storage
+from orchestrator.data.loader import DataBudgetError, MultiCropLoader
 
 CROPS = dict(global_size=28, local_size=14, n_global=2, n_local=2)
 

@@ -19,7 +19,8 @@ import torch
 
 import model as dmodel
 from conftest import BIN
-from orchestrator import evaluate, train
+from orchestrator.eval import knn as evaluate
+from orchestrator.training import setup
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -80,7 +81,7 @@ def test_smoke_pipeline_end_to_end_via_ray_job_submit(ray_head, tmp_path, cifar_
     assert teacher_before and teacher_before.keys() == teacher_after.keys()
     # loaded at the distill crop size (32 px: 8x8 + CLS), so only pos_embed was resized at load
     pe = "teacher.backbone.pos_embed"
-    assert torch.equal(teacher_after[pe], train._interp_pos_embed(teacher_before[pe], 8 * 8 + 1))
+    assert torch.equal(teacher_after[pe], setup._interp_pos_embed(teacher_before[pe], 8 * 8 + 1))
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before if k != pe)
 
     # export round trip: the exported student loads into build_backbone with strict=True

@@ -42,7 +42,8 @@ def _train_steps(tmp_path, cifar_shards):
     """A real smoke training run (2 Ray Train workers, the smoke job) in a driver-side thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator import config, train
+    from orchestrator.pipeline import config
+    from orchestrator.training import driver as train
 
     job = config.load_job(str(REPO / "jobs" / "smoke_cpu.yaml"), [
         f"name={RUN}", f"storage={tmp_path}", f"data.train={cifar_shards['train']}",

@@ -7,7 +7,8 @@ import tarfile
 import pytest
 from conftest import CIFAR_TEST_TAR
 
-from orchestrator import shards, storage
+from orchestrator.data import shards
+from orchestrator import storage
 
 
 def _cifar_members(n_per_class: int):

@@ -62,7 +62,7 @@ def test_register_opener_reads_local_and_memory_through_webdataset(tmp_path):
 
 
 def test_unreachable_endpoint_fails_fast_with_clear_error(monkeypatch, caplog):
-    from orchestrator import shards
+    from orchestrator.data import shards
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNREACH1")

@@ -15,7 +15,11 @@ import pytest
 import torch
 from conftest import CIFAR_TEST_TAR
 
-from orchestrator import checkpoint, config, shards, train, worker
+from orchestrator.training import checkpoint
+from orchestrator.pipeline import config
+from orchestrator.data import shards
+from orchestrator.training import driver as train, setup
+from orchestrator.training import worker
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 20

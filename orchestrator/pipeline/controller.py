@@ -21,7 +21,8 @@ import threading
 import time
 import uuid
 
-from orchestrator import config, storage
+from orchestrator.pipeline import config
+from orchestrator import storage
 
 LOCK_LEASE_S = 300.0        # a lock whose heartbeat is older than this (another host) is stale
 HEARTBEAT_S = 30.0
@@ -133,7 +134,7 @@ def _backbone_urls(job: config.JobSpec, phase_name: str) -> dict[str, str]:
 
 
 def _run_training(job, phase, log) -> dict:
-    from orchestrator import train
+    from orchestrator.training import driver as train
     results = {}
     for key, arch in zip(run_keys(phase), phase.students or [None]):
         log(f"[{phase.name}] training {key}" + (f" (student {arch})" if arch else ""))
@@ -146,7 +147,7 @@ def _run_training(job, phase, log) -> dict:
 
 def _run_eval(job, phase, log) -> dict:
     ray = _connect_ray(job)
-    from orchestrator import evaluate
+    from orchestrator.eval import knn as evaluate
     r = config.resolve(job, phase)
     opts = dict(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)
 
@@ -169,7 +170,8 @@ def _run_eval(job, phase, log) -> dict:
 
 
 def _run_export(job, phase, log) -> dict:
-    from orchestrator import evaluate, export
+    from orchestrator.eval import knn as evaluate
+    from orchestrator.eval import export
     out = {}
     ext = {"dinov2": "pth", "timm": "timm.pth", "safetensors": "safetensors"}[phase.export_format]
     for key, url in _backbone_urls(job, phase.from_phase).items():
@@ -201,7 +203,7 @@ def _reset_from(job, state, restart_from, log) -> None:
 
 def _preflight(job: config.JobSpec, state: dict) -> None:
     """Fail fast, before Ray, on data a pending phase needs but cannot read."""
-    from orchestrator import shards
+    from orchestrator.data import shards
     pending = [p for p, e in zip(job.phases, state["phases"]) if e["state"] != "done"]
     needed = {"data.train": job.data.train} if any(p.kind in config.TRAINING_KINDS for p in pending) else {}
     if any(p.kind == "eval" for p in pending):
@@ -266,7 +268,7 @@ def run_pipeline(job: config.JobSpec, restart_from: str | None = None, log=print
             for key, res in entry["metrics"].items() if phase.kind == "eval" else ():
                 for k, acc in res["top1"].items():
                     pm.knn(key, int(k), acc)
-        from orchestrator import report
+        from orchestrator.pipeline import report
         state["report"] = report.write_report(root, state, so)
         save()
         return state

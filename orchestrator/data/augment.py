@@ -20,7 +20,7 @@ Why it is fast (same outputs distribution, see tests/test_augment.py):
      branch-free (no torch.where / bool masks), grouped by the per-crop jitter order.
   They can also run on an accelerator: `photometric(..., device="cuda")`.
 
-No entrypoint; used by orchestrator.loader and bench/data.py.
+No entrypoint; used by orchestrator.data.loader and bench/data.py.
 """
 
 from __future__ import annotations

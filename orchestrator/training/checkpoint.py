@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .storage import atomic_put_file, atomic_write_bytes, fs_for, join, protocol_of, storage_options_for
+from orchestrator.storage import atomic_put_file, atomic_write_bytes, fs_for, join, protocol_of, storage_options_for
 
 MARKER = "COMMITTED"
 DONE = "DONE"

@@ -28,7 +28,7 @@ missing shard or denied access fails with a clear message; a corrupt sample is s
 fails when skipped/seen exceeds `error_budget` (checked after min(epoch, ~10/budget) samples and at
 each epoch end).
 
-No entrypoint; used by orchestrator.train (TRAIN) and `dinoray bench data`.
+No entrypoint; used by orchestrator.training.driver (TRAIN) and `dinoray bench data`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from orchestrator import storage
-from orchestrator.augment import MultiCrop
-from orchestrator.shards import read_index
+from orchestrator.data.augment import MultiCrop
+from orchestrator.data.shards import read_index
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif")

@@ -1,4 +1,4 @@
-"""The Ray Train worker loop of a training phase (started by orchestrator.train.run_phase).
+"""The Ray Train worker loop of a training phase (started by orchestrator.training.driver.run_phase).
 
 One step, top to bottom: schedules -> zero_grad -> SSL loss -> (all ranks finite?) backward ->
 clip + optimiser step -> EMA teacher; then checkpoint every K steps and step metrics on rank 0.
@@ -18,9 +18,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import backends, checkpoint, config
-from .storage import atomic_write_bytes, fs_for, join, protocol_of
-from .train import build_meta, make_loader, run_url, train_flops_per_image
+from orchestrator.training import backends
+from orchestrator.training import checkpoint
+from orchestrator.pipeline import config
+from orchestrator.storage import atomic_write_bytes, fs_for, join, protocol_of
+from orchestrator.training.driver import run_url
+from orchestrator.training.setup import build_meta, make_loader, train_flops_per_image
 
 PART_KEYS = ("dino_global", "dino_local", "ibot", "koleo", "gram", "feature")
 
@@ -219,7 +222,7 @@ def _local_copy(url: str, rel: str, so, keep_below: int) -> str:
 def _upload(url: str, files: dict, so) -> None:
     if protocol_of(url) == "file":
         return
-    from .storage import atomic_put_file
+    from orchestrator.storage import atomic_put_file
     for rel, path in files.items():
         if path and os.path.exists(path):
             atomic_put_file(path, join(url, rel), so)
@@ -245,7 +248,7 @@ def _trace(path, step, data_pos, batch) -> None:
 def _metrics(job, url, rank, step):
     if rank != 0:
         return None, None
-    from .metrics import StepMetrics
+    from orchestrator.metrics import StepMetrics
     path = _local_copy(url, "metrics.jsonl", job.storage_options, step + 1)  # records are 1-based
     m = StepMetrics(job.name, url.rstrip("/").rsplit("/", 1)[-1], path,
                     checkpoint_every_steps=job.checkpoint.every_steps)

@@ -18,7 +18,8 @@ import io
 
 import torch
 
-from orchestrator import evaluate, storage
+from orchestrator.eval import knn as evaluate
+from orchestrator import storage
 
 FORMATS = ("dinov2", "timm", "safetensors")
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import model as dmodel
-from orchestrator import shards, storage
+from orchestrator.data import shards
+from orchestrator import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

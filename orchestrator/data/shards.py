@@ -2,7 +2,7 @@
 
     dinoray shards build SRC DST [--samples-per-shard 1000] [--bytes-per-shard 0] [--writers 4]
     dinoray shards verify DST [--workers 4]
-    (or: python -m orchestrator.shards build SRC DST / python -m orchestrator.shards verify DST)
+    (or: python -m orchestrator.data.shards build SRC DST / python -m orchestrator.data.shards verify DST)
 
 SRC: an image folder (label = name of the first sub-folder; none for images at the top), a .tar of
 such a folder (a single top-level folder in the tar is its root), or a text file listing image paths/URLs one per line (optional TAB + label). DST: a local
@@ -508,7 +508,7 @@ def add_commands(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.shards")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.data.shards")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_commands(sub)
     args = parser.parse_args(["shards", *(sys.argv[1:] if argv is None else argv)])

@@ -2,7 +2,7 @@
 
 Written by `dinoray run` at the end of a pipeline to `{storage}/{name}/report/`. To rebuild it:
 
-    python -m orchestrator.report runs/smoke
+    python -m orchestrator.pipeline.report runs/smoke
 """
 from __future__ import annotations
 
@@ -97,6 +97,6 @@ def knn_table(state: dict) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    from orchestrator import controller
+    from orchestrator.pipeline import controller
     root = sys.argv[1].rstrip("/")
     print(write_report(root, controller.status(root)))

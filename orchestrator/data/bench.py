@@ -1,7 +1,7 @@
 """`dinoray bench data`: multi-crop loader throughput on real shards, total and per CPU core.
 
     dinoray bench data URL [--seconds 20] [--workers 4] [--batch-size 32] [--config crops.yaml] [--json]
-    python -m orchestrator.databench URL ...        (same, without the dinoray entrypoint)
+    python -m orchestrator.data.bench URL ...        (same, without the dinoray entrypoint)
 
 URL is a shard folder / index.json on any fsspec URL. By default the paper's crops (2 x 224 + 8 x 98);
 --config takes a YAML file with a `crops:` mapping (global_size, local_size, n_global, n_local,
@@ -39,7 +39,7 @@ def run(url: str, *, seconds: float = 20.0, workers: int = 4, batch_size: int = 
     """Iterate the loader for ~`seconds` after warm-up; returns the measurement dict."""
     import torch
 
-    from orchestrator.loader import MultiCropLoader
+    from orchestrator.data.loader import MultiCropLoader
 
     threads = torch.get_num_threads()
     if workers == 0:
@@ -102,7 +102,7 @@ def add_commands(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.databench")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.data.bench")
     add_commands(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["bench", "data", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

@@ -1,0 +1,117 @@
+"""Every path a run writes, named in one place.
+
+    {storage}/{name}/                       RunLayout(storage, name).root
+        pipeline.json  LOCK                 phase states; the driver's lock
+        report/  exports/  logs/            run report; exported weights; Ray and worker logs
+        ray/                                Ray Train's own run state
+        {phase}/  or  {phase}-{arch}/       PhaseDir: one per phase (one per distill student)
+            checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last
+            final/model.pth  backbone.pth  DONE
+            metrics.jsonl  trace/rank<r>.jsonl  FAILED  debug/
+
+Words: a *run* is the job's root folder; a *phase folder* is one phase's (or one student's)
+folder under it; a *Ray Train run* is one `TorchTrainer.fit()`, named `ray_run_name(key)`.
+Nothing else in the package spells these names; tests/test_layout.py checks that.
+
+No entrypoint; used by the controller, the training driver and workers, eval, export and report.
+"""
+from __future__ import annotations
+
+import re
+
+from orchestrator.storage import Store
+
+CHECKPOINT_TAG = "step-{:07d}"
+_CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
+
+
+def phase_keys(phase) -> list[str]:
+    """The phase folders a phase writes: one per distillation student, else the phase's name."""
+    if phase.kind == "distill":
+        return [f"{phase.name}-{arch}" for arch in phase.students]
+    return [phase.name]
+
+
+def phase_key(phase, student_arch: str | None = None) -> str:
+    return f"{phase.name}-{student_arch}" if student_arch else phase.name
+
+
+class PhaseDir:
+    """The folder of one phase (or one distillation student) of a run."""
+
+    def __init__(self, root: Store):
+        self.root = root
+        self.key = root.name
+
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    final = property(lambda self: self.root / "final")
+    final_model = property(lambda self: self.root / "final" / "model.pth")
+    final_backbone = property(lambda self: self.root / "final" / "backbone.pth")
+    final_done = property(lambda self: self.root / "final" / "DONE")
+    failed = property(lambda self: self.root / "FAILED")
+    metrics_rel = "metrics.jsonl"
+    metrics = property(lambda self: self.root / self.metrics_rel)
+
+    @staticmethod
+    def trace_rel(rank: int) -> str:
+        return f"trace/rank{rank}.jsonl"
+
+    def debug_marker(self, name: str) -> Store:
+        return self.root / "debug" / name
+
+    # ---------------------------------------------------------------- checkpoints
+    @staticmethod
+    def checkpoint_tag(step: int) -> str:
+        return CHECKPOINT_TAG.format(step)
+
+    def checkpoint(self, step: int) -> Store:
+        return self.checkpoints / self.checkpoint_tag(step)
+
+    @staticmethod
+    def committed(ckpt: Store) -> Store:
+        """The marker that makes a checkpoint count; written last."""
+        return ckpt / "COMMITTED"
+
+    @staticmethod
+    def rank_extras(ckpt: Store, rank: int) -> Store:
+        return ckpt / f"rank-{rank}.pt"
+
+    @staticmethod
+    def teacher_fp32_name(rank: int) -> str:
+        return f"teacher_fp32-rank{rank}.pt"
+
+    @staticmethod
+    def parse_step(name: str) -> int | None:
+        m = _CHECKPOINT_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+        return int(m.group(1)) if m else None
+
+
+class RunLayout:
+    """The folders and files of one run: `RunLayout(Store(job.storage, job.storage_options), job.name)`."""
+
+    def __init__(self, storage: Store, name: str):
+        self.storage, self.name = storage, name
+        self.root = storage / name
+
+    @classmethod
+    def of(cls, job) -> "RunLayout":
+        return cls(Store(job.storage, job.storage_options), job.name)
+
+    pipeline = property(lambda self: self.root / "pipeline.json")
+    lock = property(lambda self: self.root / "LOCK")
+    report = property(lambda self: self.root / "report")
+    exports = property(lambda self: self.root / "exports")
+    logs = property(lambda self: self.root / "logs")
+    ray = property(lambda self: self.root / "ray")
+
+    def phase(self, key: str) -> PhaseDir:
+        return PhaseDir(self.root / key)
+
+    def phase_dirs(self, phase) -> dict[str, PhaseDir]:
+        return {key: self.phase(key) for key in phase_keys(phase)}
+
+    def export_file(self, key: str, ext: str) -> Store:
+        return self.exports / f"{key}.{ext}"
+
+    def ray_run_name(self, key: str) -> str:
+        return f"{self.name}-{key}"
