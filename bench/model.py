@@ -47,7 +47,8 @@ def make_batch(B, n_local, gsize, lsize, patch, device, seed=0):
 def bench_step(arch, args, dtype, device):
     torch.manual_seed(0)
     model = SSLMetaArch({"arch": arch, "patch_size": args.patch_size, "img_size": args.global_size,
-                         "drop_path_rate": 0.1 if arch != "vit_tiny" else 0.0}).to(device).train()
+                         "drop_path_rate": 0.1 if arch != "vit_tiny" else 0.0,
+                         "ibot_separate_head": False}).to(device).train()  # tied heads, as the reference's default
     batch = make_batch(args.batch, args.n_local, args.global_size, args.local_size, args.patch_size, device)
     times = []
     for i in range(args.warmup + args.steps):

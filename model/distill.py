@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import losses as L
-from .ema import ema_update_
-from .ssl import (DEFAULT_CFG, Centering, _heads_forward, build_backbone_from_cfg, build_heads,
-                  freeze_, normalize_images, resolve_cfg)
+from .ema import EMAMetaArch, freeze_
+from .ssl import (DEFAULT_CFG, Centering, _heads_forward, build_backbone_from_cfg, build_heads, normalize_images,
+                  resolve_cfg)
 
 DISTILL_DEFAULT_CFG: dict = {
     **DEFAULT_CFG,
@@ -39,10 +39,13 @@ def _split_prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-class DistillMetaArch(nn.Module):
+class DistillMetaArch(EMAMetaArch):
     """`teacher`: an nn.ModuleDict {"backbone", "dino_head"[, "ibot_head"]} (e.g. a trained
     `SSLMetaArch.teacher`), a state dict with those prefixes ("backbone.", "dino_head.", ...), or
     None for a randomly initialised teacher built from cfg["teacher_arch"] (tests)."""
+
+    EMA_TOWER = "student_ema"
+    FROZEN = ("teacher", "student_ema")
 
     def __init__(self, cfg: dict | None = None, teacher: nn.Module | dict | None = None, device=None):
         super().__init__()
@@ -87,32 +90,6 @@ class DistillMetaArch(nn.Module):
                                  f"'{k}.{next(iter(mod.state_dict()))}'")
             mod.load_state_dict(sub, strict=True)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        self.student_ema.eval()
-        return self
-
-    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        t, s = [], []
-        for k in self.student_ema:
-            t += list(self.student_ema[k].parameters())
-            s += list(self.student[k].parameters())
-        return t, s
-
-    @torch.no_grad()
-    def update_ema_(self, momentum: float) -> None:
-        ema_update_(*self.ema_pairs(), momentum)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        for m in self.student.values():
-            m.init_weights() if hasattr(m, "init_weights") else m.reset_parameters()
-        ema_update_(*self.ema_pairs(), 0.0)
-
-    def final_backbone(self) -> nn.Module:
-        return self.student_ema["backbone"]
-
     def forward(self, batch: dict, *, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         n_g = cfg["n_global_crops"]
@@ -152,14 +129,8 @@ class DistillMetaArch(nn.Module):
         s_patch_tokens = s_outs[0]["x_norm_patchtokens"]
         n_tok = s_patch_tokens.shape[1]
         s_cls_logits, s_patch_logits = _heads_forward(self.student, s_cls, s_patch_tokens.flatten(0, 1))
-        s_glob_logits, s_loc_logits = s_cls_logits[:n_g * B], s_cls_logits[n_g * B:]
         T = self.cfg["student_temp"]
-        n_terms = max(n_g * (n_g - 1) + n_g * n_l, 1)
-        s_chunks, t_chunks = s_glob_logits.chunk(n_g), t_cls.chunk(n_g)
-        dino_global = sum(L.dino_loss([s_chunks[i]], [t_chunks[j]], T)
-                          for i in range(n_g) for j in range(n_g) if i != j) / n_terms
-        dino_local = (L.dino_loss(list(s_loc_logits.chunk(n_l)), list(t_chunks), T) / n_terms
-                      if n_l else s_cls_logits.sum() * 0.0)
+        dino_global, dino_local = L.multicrop_dino_loss(s_cls_logits, t_cls, n_g, n_l, T)
         weight = torch.full((s_patch_logits.shape[0],), 1.0 / n_tok, device=s_cls.device)
         ibot = L.ibot_loss(s_patch_logits, t_patch, weight, n_images=n_g * B, student_temp=T)
         return {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot}

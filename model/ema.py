@@ -1,9 +1,10 @@
-"""Teacher EMA update over flat lists of tensors (works on the local shards of a sharded model)."""
+"""EMA of a trained tower over flat lists of tensors (works on the local shards of a sharded model),
+and `EMAMetaArch`, the tower management SSLMetaArch and DistillMetaArch share."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _local(t: Tensor) -> Tensor:
@@ -29,3 +30,57 @@ def ema_update_(teacher_tensors: list[Tensor], student_tensors: list[Tensor], mo
     if any(a.dtype != b.dtype for a, b in zip(t, s)):
         s = [b.to(a.dtype) for a, b in zip(t, s)]
     torch._foreach_lerp_(t, s, 1.0 - float(momentum))
+
+
+def freeze_(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode, no stochastic depth: a tower that is only ever run forward."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for m in module.modules():
+        if hasattr(m, "drop_path"):
+            m.drop_path = 0.0
+    return module
+
+
+class EMAMetaArch(nn.Module):
+    """A trained `student` (nn.ModuleDict) and an EMA copy of it, the tower named `EMA_TOWER`
+    ("teacher" in SSLMetaArch, "student_ema" in DistillMetaArch), plus frozen towers (`FROZEN`) that
+    stay in eval mode whatever `train()` is told. The EMA tower is the model kept after training."""
+
+    EMA_TOWER = "teacher"
+    FROZEN: tuple[str, ...] = ("teacher",)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.FROZEN:
+            tower = getattr(self, name, None)
+            if tower is not None:
+                tower.eval()
+        return self
+
+    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(EMA tensors, student tensors) in matching order, for `ema_update_`."""
+        ema = getattr(self, self.EMA_TOWER)
+        t, s = [], []
+        for k in ema:
+            t += list(ema[k].parameters())
+            s += list(self.student[k].parameters())
+        return t, s
+
+    @torch.no_grad()
+    def update_ema_(self, momentum: float) -> None:
+        """One EMA step of the EMA tower towards the student (momentum 0 copies the student)."""
+        ema_update_(*self.ema_pairs(), momentum)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise the student (e.g. after `to_empty` from the meta device) and copy it into
+        the EMA tower."""
+        for m in self.student.values():
+            m.init_weights() if hasattr(m, "init_weights") else m.reset_parameters()
+        self.update_ema_(0.0)
+
+    def final_backbone(self) -> nn.Module:
+        """The backbone DINOv2 keeps after training: the EMA tower's."""
+        return getattr(self, self.EMA_TOWER)["backbone"]

@@ -14,6 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+# The names of the loss terms a meta-architecture's forward returns in `parts` (each present only
+# where the model computes it: gram with gram_loss_weight > 0, feature in distillation). Metrics,
+# plots and the training loop use this one tuple.
+LOSS_PARTS = ("dino_global", "dino_local", "ibot", "koleo", "gram", "feature")
+
 
 def _world(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
@@ -42,7 +47,7 @@ def _logsumexp_over_samples(logq: Tensor, group) -> Tensor:
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3,
-                   process_group=None, n_rows_global: int | Tensor | None = None) -> Tensor:
+                   process_group=None) -> Tensor:
     """Sinkhorn-Knopp centering of teacher logits [B, K] -> assignment probabilities [B, K].
 
     The reference's algorithm (Q = exp(logits / T); alternately normalise prototypes to 1/K and
@@ -50,9 +55,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     to 0/0. With several ranks in `process_group`, the prototype sums run over the global batch,
     so splitting a batch across ranks (also unequally, e.g. masked tokens) gives the 1-rank result.
     Each returned row sums to 1; columns sum to about B/K (exactly in the limit of iterations).
-    `n_rows_global` is accepted for API symmetry: the result does not depend on it.
+    The global batch size B only rescales the sample step and cancels in the final B * Q.
     """
-    del n_rows_global  # B only rescales the sample step and cancels in the final B * Q
     logq = (teacher_logits.float() / teacher_temp).t()  # K x B_local
     K = logq.shape[0]
     for _ in range(n_iterations):
@@ -89,6 +93,25 @@ def dino_loss(student_chunks: list[Tensor], teacher_chunks: list[Tensor], studen
         for t in teacher_chunks:
             total = total - (t.float() * lsm).sum(dim=-1).mean()
     return total
+
+
+def multicrop_dino_loss(student_logits: Tensor, teacher_probs: Tensor, n_global: int, n_local: int,
+                        student_temp: float) -> tuple[Tensor, Tensor]:
+    """The DINO terms of a multi-crop batch -> (dino_global, dino_local).
+
+    `student_logits` [(n_global + n_local) * B, K]: the global crops' rows first, crop by crop, then
+    the local crops'; `teacher_probs` [n_global * B, K]: the teacher's centred global crops. Every
+    student global crop is compared with the other global crops' targets, every local crop with all
+    of them; both terms are divided by the total number of pairs, as in the reference."""
+    n_rows = teacher_probs.shape[0]
+    s_glob, s_loc = student_logits[:n_rows], student_logits[n_rows:]
+    n_terms = n_global * (n_global - 1) + n_global * n_local
+    s_chunks, t_chunks = s_glob.chunk(n_global), teacher_probs.chunk(n_global)
+    dino_global = sum(dino_loss([s_chunks[i]], [t_chunks[j]], student_temp)
+                      for i in range(n_global) for j in range(n_global) if i != j) / max(n_terms, 1)
+    dino_local = (dino_loss(list(s_loc.chunk(n_local)), list(t_chunks), student_temp) / n_terms
+                  if n_local else student_logits.sum() * 0.0)
+    return dino_global, dino_local
 
 
 def ibot_loss(student_masked_logits: Tensor, teacher_masked_probs: Tensor, masks_weight: Tensor,

@@ -36,12 +36,10 @@ def build_schedules(total_iters: int, *, base_lr: float, batch_size: int, warmup
                     min_lr: float = 1e-6, wd: tuple[float, float] = (0.04, 0.4),
                     momentum: tuple[float, float] = (0.992, 1.0),
                     teacher_temp: tuple[float, float] = (0.04, 0.07),
-                    teacher_temp_warmup_iters: int = 0, freeze_last_layer_iters: int = 0,
-                    epoch_len: int | None = None) -> dict[str, np.ndarray]:
-    """Arrays of length total_iters. `batch_size` is the global batch (images per step).
-    teacher_temp = (warmup start, final): linear warmup then constant. `epoch_len` is accepted for
-    callers that think in epochs but all lengths here are in iterations."""
-    del epoch_len
+                    teacher_temp_warmup_iters: int = 0, freeze_last_layer_iters: int = 0) -> dict[str, np.ndarray]:
+    """Arrays of length total_iters (every length here is in iterations, none in epochs). `batch_size`
+    is the global batch (images per step). teacher_temp = (warmup start, final): linear warmup then
+    constant."""
     lr = scaled_lr(base_lr, batch_size)
     lr_s = cosine_schedule(lr, min_lr, total_iters, warmup_iters)
     ll = lr_s.copy()

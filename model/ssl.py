@@ -15,20 +15,22 @@ import torch
 from torch import Tensor, nn
 
 from . import losses as L
-from .ema import ema_update_
+from .ema import EMAMetaArch, ema_update_, freeze_
 from .heads import DINOHead
 from .vit import build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The model's defaults; every key it shares with the job schema's ModelCfg has ModelCfg's value
+# (tests/test_model_ssl.py checks that), so a model built here and one built by a job agree.
 DEFAULT_CFG: dict = {
     "arch": "vit_small",
     "patch_size": 14,
     "num_register_tokens": 0,
     "drop_path_rate": 0.0,
     "layerscale_init": 1e-5,
-    "ffn_layer": None,  # arch default (SwiGLU for vit_giant2)
+    "ffn_layer": "mlp",  # None: the arch's default (SwiGLU for vit_giant2)
     "img_size": 224,
     "interpolate_antialias": False,
     "interpolate_offset": 0.1,
@@ -36,7 +38,7 @@ DEFAULT_CFG: dict = {
     "head_hidden_dim": 2048,
     "head_bottleneck_dim": 256,
     "head_nlayers": 3,
-    "ibot_separate_head": False,
+    "ibot_separate_head": True,  # untied DINO and iBOT heads, as in the paper (Sec. 4)
     "ibot_n_prototypes": None,  # None -> head_n_prototypes
     "ibot_loss_weight": 1.0,
     "dino_loss_weight": 1.0,
@@ -94,16 +96,6 @@ def build_heads(cfg: dict, embed_dim: int, device=None) -> dict[str, nn.Module]:
     return heads
 
 
-def freeze_(module: nn.Module) -> nn.Module:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    for m in module.modules():
-        if hasattr(m, "drop_path"):
-            m.drop_path = 0.0
-    return module
-
-
 def _heads_forward(mods: nn.ModuleDict, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
     """dino head on CLS tokens, iBOT head on patch tokens; one call when the heads are tied."""
     if "ibot_head" in mods:
@@ -132,7 +124,12 @@ class Centering(nn.Module):
         return probs
 
 
-class SSLMetaArch(nn.Module):
+class SSLMetaArch(EMAMetaArch):
+    """Student and EMA teacher (and, with gram_loss_weight > 0, a frozen Gram teacher)."""
+
+    EMA_TOWER = "teacher"
+    FROZEN = ("teacher", "gram_teacher")
+
     def __init__(self, cfg: dict | None = None, device=None):
         super().__init__()
         self.cfg = cfg = resolve_cfg(cfg)
@@ -151,50 +148,17 @@ class SSLMetaArch(nn.Module):
         if cfg["gram_loss_weight"] > 0:
             self.gram_teacher = freeze_(copy.deepcopy(self.teacher["backbone"]))
 
-    # ----- teacher management -------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        if self.gram_teacher is not None:
-            self.gram_teacher.eval()
-        return self
-
-    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(EMA tensors, student tensors) in matching order, for `ema_update_`."""
-        t, s = [], []
-        for k in self.teacher:
-            t += list(self.teacher[k].parameters())
-            s += list(self.student[k].parameters())
-        return t, s
-
-    @torch.no_grad()
-    def update_ema_(self, momentum: float) -> None:
-        """Teacher EMA step (same name as DistillMetaArch's student-EMA step)."""
-        ema_update_(*self.ema_pairs(), momentum)
-
-    update_teacher_ = update_ema_
-
-    def final_backbone(self) -> nn.Module:
-        """The model DINOv2 keeps after training: the EMA teacher's backbone."""
-        return self.teacher["backbone"]
-
+    # ----- teacher management (EMA: model.ema.EMAMetaArch) ----------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re-)initialise the student (e.g. after `to_empty` from the meta device), then copy it into
-        the teacher (and Gram teacher) and reset the softmax centres."""
-        for m in self.student.values():
-            m.init_weights()
-        self.copy_student_to_teacher_()
+        """(Re-)initialise the student, copy it into the teacher (and Gram teacher), reset the
+        softmax centres."""
+        super().init_weights()
         if self.gram_teacher is not None:
             self.update_gram_teacher_()
         for c in (self.dino_centering, self.ibot_centering):
             if c.center is not None:
                 c.center.zero_()
-
-    @torch.no_grad()
-    def copy_student_to_teacher_(self) -> None:
-        """After (re-)initialising or loading the student: teacher <- student."""
-        ema_update_(*self.ema_pairs(), 0.0)
 
     @torch.no_grad()
     def update_gram_teacher_(self) -> None:
@@ -250,15 +214,9 @@ class SSLMetaArch(nn.Module):
         s_cls = torch.cat([s_gcls] + ([s_outs[1]["x_norm_clstoken"]] if n_l else []))
         s_patches = s_outs[0]["x_norm_patchtokens"].flatten(0, 1)[idx]
         s_cls_logits, s_patch_logits = _heads_forward(self.student, s_cls, s_patches)
-        s_glob_logits, s_loc_logits = s_cls_logits[:n_g * B], s_cls_logits[n_g * B:]
 
         T = cfg["student_temp"]
-        n_terms = n_g * (n_g - 1) + n_g * n_l
-        s_g_chunks, t_chunks = s_glob_logits.chunk(n_g), t_cls.chunk(n_g)
-        dino_global = sum(L.dino_loss([s_g_chunks[i]], [t_chunks[j]], T)
-                          for i in range(n_g) for j in range(n_g) if i != j) / max(n_terms, 1)
-        dino_local = (L.dino_loss(list(s_loc_logits.chunk(n_l)), list(t_chunks), T) / n_terms
-                      if n_l else s_cls_logits.sum() * 0.0)
+        dino_global, dino_local = L.multicrop_dino_loss(s_cls_logits, t_cls, n_g, n_l, T)
         koleo = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
         ibot = L.ibot_loss(s_patch_logits, t_patch, weight, n_images=n_g * B, student_temp=T)
         parts = {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}

@@ -22,7 +22,7 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "t
 # LayerScale off: with gammas at 1e-5 the blocks barely move in 200 steps and every image's CLS is
 # the same, so a run this short would only test the heads.
 CFG = dict(arch="vit_pico", patch_size=4, img_size=32, head_n_prototypes=256, head_hidden_dim=256,
-           head_bottleneck_dim=64, layerscale_init=None)
+           head_bottleneck_dim=64, layerscale_init=None, ibot_separate_head=False)
 
 
 def load_cifar(per_class: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from model import DEFAULT_CFG, DistillMetaArch, SSLMetaArch, ema_update_, normal
 from model.masking import collate_masks
 
 TINY = dict(arch="vit_pico", patch_size=4, img_size=32, head_n_prototypes=64, head_hidden_dim=48,
-            head_bottleneck_dim=16)
+            head_bottleneck_dim=16, ibot_separate_head=False)
 
 
 def make_batch(B=4, n_local=3, seed=0, G=32, Lsz=16, patch=4):
@@ -129,6 +129,21 @@ def test_meta_build_of_giant_and_defaults():
     assert m.student["backbone"].pos_embed.is_meta
     assert m.student["dino_head"].last_layer.weight_v.shape == (131072, 384)
     assert DEFAULT_CFG["koleo_loss_weight"] == 0.1 and DEFAULT_CFG["student_temp"] == 0.1
+
+
+def test_model_defaults_agree_with_the_job_schema():
+    """One source of defaults: every key the model cfg shares with the job schema's ModelCfg has
+    ModelCfg's default (ibot_n_prototypes: None in the model means 'head_n_prototypes')."""
+    import dataclasses
+
+    from model.losses import LOSS_PARTS
+    from orchestrator.pipeline import config
+    schema = {f.name: f.default for f in dataclasses.fields(config.ModelCfg)}
+    shared = sorted(set(schema) & set(DEFAULT_CFG))
+    assert {"ibot_separate_head", "ffn_layer", "head_n_prototypes"} <= set(shared)
+    model = {**DEFAULT_CFG, "ibot_n_prototypes": DEFAULT_CFG["ibot_n_prototypes"] or DEFAULT_CFG["head_n_prototypes"]}
+    assert {k: model[k] for k in shared} == {k: schema[k] for k in shared}
+    assert len(set(LOSS_PARTS)) == len(LOSS_PARTS) and {"dino_global", "ibot", "feature"} <= set(LOSS_PARTS)
 
 
 def test_distill_arch():
