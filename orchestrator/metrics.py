@@ -34,9 +34,14 @@ EXPORT_PREFIX = "ray_"  # what Ray prepends to application metric names
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 PHASE_STATES = ("pending", "running", "done", "failed")  # the controller's pipeline.json states
-LOSS_COMPONENTS = ("total", "dino_global", "dino_local", "ibot", "koleo", "gram", "feature")
+# model.LOSS_PARTS, spelled here because importing `model` imports torch (tests/test_metrics.py
+# checks the two are equal).
+LOSS_PARTS = ("dino_global", "dino_local", "ibot", "koleo", "gram", "feature")
+LOSS_COMPONENTS = ("total", *LOSS_PARTS)
+RESTART_REASONS = ("preemption", "failure", "resize")
 
 _STEP = ("run", "phase")
+_RANKED = _STEP + ("rank",)  # series every rank records, so "max over ranks" sees stragglers
 # name -> (type, help, label names). Totals are gauges because TRAIN reports run-wide
 # cumulative totals (restored from checkpoints); a gauge keeps them exact across restarts
 # and lets the series exist at 0, so increase() sees the first non-finite step.
@@ -47,9 +52,9 @@ METRIC_NAMES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dinoray_wd": ("gauge", "Weight decay of the current step", _STEP),
     "dinoray_teacher_momentum": ("gauge", "EMA momentum of the teacher", _STEP),
     "dinoray_teacher_temp": ("gauge", "Teacher softmax temperature", _STEP),
-    "dinoray_images_per_second": ("gauge", "Training throughput of this rank, images/s", _STEP),
-    "dinoray_step_seconds": ("histogram", "Wall time of a whole iteration, data wait included", _STEP),
-    "dinoray_data_wait_seconds": ("histogram", "Time an iteration waited for its batch", _STEP),
+    "dinoray_images_per_second": ("gauge", "Training throughput of this rank, images/s", _RANKED),
+    "dinoray_step_seconds": ("histogram", "Wall time of a whole iteration, data wait included", _RANKED),
+    "dinoray_data_wait_seconds": ("histogram", "Time an iteration waited for its batch", _RANKED),
     "dinoray_grad_norm": ("gauge", "Global gradient norm before clipping", _STEP),
     "dinoray_mfu": ("gauge", "Model FLOPs utilisation (analytical FLOPs / configured peak)", _STEP),
     "dinoray_samples_skipped_total": ("gauge", "Corrupt samples skipped so far in the run", _STEP),
@@ -61,6 +66,10 @@ METRIC_NAMES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge", "Unix time of the last checkpoint (phase start before the first)", _STEP),
     "dinoray_checkpoint_interval_seconds": ("gauge", "Expected seconds between checkpoints", _STEP),
     "dinoray_gpu_memory_bytes": ("gauge", "GPU memory allocated by this rank", _STEP),
+    "dinoray_goodput_ratio": ("gauge", "Productive step time over wall time since the phase started, "
+                              "restarts included", _STEP),
+    "dinoray_restarts_total": ("gauge", "Restarts of the phase's workers so far, by reason",
+                               _STEP + ("reason",)),
     "dinoray_phase_state": ("gauge", "1 for the current state of a phase, else 0",
                             ("run", "phase", "kind", "state")),
     "dinoray_pipeline_progress": ("gauge", "Fraction of the pipeline done, 0..1", ("run",)),
@@ -128,11 +137,16 @@ def local_scrape_url(port: int | None = None) -> str:
     return f"http://127.0.0.1:{metrics_port() if port is None else int(port)}/metrics"
 
 
-def mfu(flops_per_image: float, images_per_s: float, n_gpus: int, peak_flops_per_gpu: float) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the configured peak."""
-    if peak_flops_per_gpu <= 0 or n_gpus <= 0:
-        raise ValueError("mfu needs peak_flops_per_gpu > 0 and n_gpus > 0 (set the phase's peak_tflops)")
-    return flops_per_image * images_per_s / (n_gpus * peak_flops_per_gpu)
+def restart_reason(*, preempted: bool, world_size: int, saved_world_size: int) -> str:
+    """Why a phase's workers started again from a checkpoint, for ``dinoray_restarts_total{reason}``.
+
+    ``preempted``: the checkpoint resumed from was written for a drain (a just-in-time checkpoint).
+    Otherwise a larger world than the checkpoint's is a ``resize`` (elastic growth: nothing failed),
+    and the same or a smaller one is a ``failure`` (a worker, node or driver died).
+    """
+    if preempted:
+        return "preemption"
+    return "resize" if world_size > saved_world_size else "failure"
 
 
 def _ray_initialized() -> bool:
@@ -224,23 +238,31 @@ def _json_value(v: float):
 
 
 class StepMetrics:
-    """Per-step metrics of one phase on one rank.
+    """Per-step metrics of one phase on one rank (every rank creates one).
 
-    ``record(step, values)`` appends one JSON line ``{"time", "run", "phase", "step", **values}``
-    to ``jsonl_path`` (non-finite floats written as "nan"/"inf"/"-inf") and updates the series.
-    ``values`` keys: see ``RECORD_KEYS``. Totals (``*_total``) are run-wide cumulative counts.
+    ``record(step, values)`` updates the series and, where ``jsonl_path`` is given (one rank only),
+    appends one JSON line ``{"time", "run", "phase", "step", **values}`` (non-finite floats written
+    as "nan"/"inf"/"-inf"). ``values`` keys: see ``RECORD_KEYS``. Totals (``*_total``) are run-wide
+    cumulative counts. Step time, data wait and throughput carry a ``rank`` label.
     The checkpoint interval for the staleness alert comes from ``checkpoint_interval_s``, or
     ``checkpoint_every_steps`` times the mean step time, or a ``ckpt_interval_s`` value.
+
+    Goodput and restarts survive restarts through the checkpoint: put ``state()`` in the
+    checkpoint's extras and, after loading one, call ``resume(extras_state, reason)``.
+    ``goodput()`` is productive step time (``step_s`` minus ``ckpt_stall_s``, of the steps the
+    resumed checkpoint kept) over wall time since the phase first started.
     ``backend``: "auto" (Ray if initialised, else a prometheus_client registry), "ray",
     "prometheus" (``registry`` or a fresh one, see ``.registry``), or "none".
     """
 
-    def __init__(self, run: str, phase: str, jsonl_path: str | None = None, *,
+    def __init__(self, run: str, phase: str, jsonl_path: str | None = None, *, rank: int = 0,
                  checkpoint_interval_s: float | None = None, checkpoint_every_steps: int | None = None,
                  backend: str = "auto", registry=None):
         if not run or not phase:
             raise ValueError(f"StepMetrics needs a non-empty run and phase, got run={run!r} phase={phase!r}")
-        self.run, self.phase = str(run), str(phase)
+        if int(rank) < 0:
+            raise ValueError(f"StepMetrics: rank must be >= 0, got {rank!r}")
+        self.run, self.phase, self.rank = str(run), str(phase), int(rank)
         self.jsonl_path = None if jsonl_path is None else Path(jsonl_path)
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,11 +272,45 @@ class StepMetrics:
         self._step_s_sum = 0.0
         self._step_s_n = 0
         self._labels = {"run": self.run, "phase": self.phase}
-        self._series.set("dinoray_last_checkpoint_timestamp_seconds", self._labels, time.time())
+        self.phase_start_unixtime = time.time()
+        self.productive_s = 0.0
+        self.restarts = {reason: 0 for reason in RESTART_REASONS}
+        self._series.set("dinoray_last_checkpoint_timestamp_seconds", self._labels, self.phase_start_unixtime)
         if checkpoint_interval_s is not None:
             self._series.set("dinoray_checkpoint_interval_seconds", self._labels, checkpoint_interval_s)
         for key in ("samples_skipped_total", "nonfinite_steps_total", "rollbacks_total"):
             self._series.set(RECORD_KEYS[key][0], self._labels, 0.0)
+        self._set_restarts()
+
+    def _set_restarts(self) -> None:
+        for reason, count in self.restarts.items():
+            self._series.set("dinoray_restarts_total", {**self._labels, "reason": reason}, count)
+
+    def state(self) -> dict:
+        """What to keep in a checkpoint's extras so goodput and restart counts survive a restart."""
+        return {"phase_start_unixtime": self.phase_start_unixtime, "productive_s": self.productive_s,
+                "restarts": dict(self.restarts)}
+
+    def resume(self, saved: dict, reason: str) -> None:
+        """Continue from a checkpoint's ``state()`` (``{}`` for one written before it existed) and
+        count one restart of ``reason`` (see ``restart_reason``)."""
+        if reason not in RESTART_REASONS:
+            raise ValueError(f"restart reason {reason!r} is not one of {RESTART_REASONS}")
+        self.phase_start_unixtime = float(saved.get("phase_start_unixtime", self.phase_start_unixtime))
+        self.productive_s = float(saved.get("productive_s", 0.0))
+        counts = saved.get("restarts", {})
+        self.restarts = {r: int(counts.get(r, 0)) + (r == reason) for r in RESTART_REASONS}
+        self._set_restarts()
+        self._series.set("dinoray_goodput_ratio", self._labels, self.goodput())
+
+    def goodput(self, now: float | None = None) -> float:
+        """Productive step time over wall time since the phase first started, in [0, 1].
+
+        Work lost to a restart (steps after the resumed checkpoint), restart time, checkpoint
+        stalls and time with no workers at all count as unproductive.
+        """
+        wall = (time.time() if now is None else now) - self.phase_start_unixtime
+        return 0.0 if wall <= 0 else min(self.productive_s / wall, 1.0)
 
     def record(self, step: int, values: dict[str, float]) -> None:
         unknown = [k for k in values if k not in RECORD_KEYS]
@@ -275,11 +331,17 @@ class StepMetrics:
         self._series.set("dinoray_step", self._labels, int(step))
         for key, v in vals.items():
             name, extra = RECORD_KEYS[key]
-            if METRIC_NAMES[name][0] == "histogram":
-                self._series.observe(name, self._labels, v)
+            kind, _, label_names = METRIC_NAMES[name]
+            labels = {**self._labels, **extra, **({"rank": str(self.rank)} if "rank" in label_names else {})}
+            if kind == "histogram":
+                self._series.observe(name, labels, v)
             else:
-                self._series.set(name, {**self._labels, **extra}, v)
+                self._series.set(name, labels, v)
         step_s = vals.get("step_s")
+        if step_s is not None and math.isfinite(step_s):
+            stall = vals.get("ckpt_stall_s", 0.0)
+            self.productive_s += max(step_s - (stall if math.isfinite(stall) else 0.0), 0.0)
+            self._series.set("dinoray_goodput_ratio", self._labels, self.goodput())
         if self._every_steps and step_s is not None and math.isfinite(step_s):
             self._step_s_sum += step_s
             self._step_s_n += 1

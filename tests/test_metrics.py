@@ -47,16 +47,17 @@ def test_record_writes_json_lines_and_series(tmp_path):
     assert _val(s, "ray_dinoray_mfu", **lab) == pytest.approx(0.41)
     assert _val(s, "ray_dinoray_nonfinite_steps_total", **lab) == 1
     assert _val(s, "ray_dinoray_samples_skipped_total", **lab) == 0  # exists from the start
-    assert _val(s, "ray_dinoray_step_seconds_count", **lab) == 2
-    assert _val(s, "ray_dinoray_step_seconds_sum", **lab) == pytest.approx(0.8)
-    assert _val(s, "ray_dinoray_step_seconds_bucket", le="0.5", **lab) == 2
-    assert _val(s, "ray_dinoray_step_seconds_bucket", le="0.25", **lab) == 0
-    assert _val(s, "ray_dinoray_data_wait_seconds_count", **lab) == 1
+    ranked = {**lab, "rank": "0"}  # step time, data wait and throughput carry the rank
+    assert _val(s, "ray_dinoray_step_seconds_count", **ranked) == 2
+    assert _val(s, "ray_dinoray_step_seconds_sum", **ranked) == pytest.approx(0.8)
+    assert _val(s, "ray_dinoray_step_seconds_bucket", le="0.5", **ranked) == 2
+    assert _val(s, "ray_dinoray_step_seconds_bucket", le="0.25", **ranked) == 0
+    assert _val(s, "ray_dinoray_data_wait_seconds_count", **ranked) == 1
     # every exported name is declared (and carries dinoray_); labels stay low-cardinality
     names = {n for n, _ in s if not n.endswith("_created")}
     assert names <= metrics.exported_names(), names - metrics.exported_names()
     assert all("dinoray_" in n for n in metrics.exported_names())
-    allowed = {"run", "phase", "kind", "component", "k", "state", "le"}
+    allowed = {"run", "phase", "kind", "component", "k", "state", "le", "rank", "reason"}
     assert all({k for k, _ in labels} <= allowed for _, labels in s)
 
 
@@ -110,7 +111,7 @@ def test_pipeline_metrics_states_progress_knn():
         pm.progress(1.5)
 
 
-def test_scrape_url_port_and_mfu(monkeypatch):
+def test_scrape_url_and_port(monkeypatch):
     monkeypatch.delenv("DINORAY_METRICS_PORT", raising=False)
     assert metrics.local_scrape_url() == "http://127.0.0.1:8080/metrics"
     assert metrics.ray_init_kwargs() == {"_metrics_export_port": 8080}
@@ -120,10 +121,6 @@ def test_scrape_url_port_and_mfu(monkeypatch):
     monkeypatch.setenv("DINORAY_METRICS_PORT", "http")
     with pytest.raises(ValueError, match="DINORAY_METRICS_PORT"):
         metrics.metrics_port()
-    # 1e12 FLOPs/image at 100 images/s on 2 GPUs of 1e14 peak: 50%
-    assert metrics.mfu(1e12, 100.0, 2, 1e14) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="peak"):
-        metrics.mfu(1e12, 100.0, 2, 0)
 
 
 def test_serve_http_exposes_the_registry():
@@ -141,3 +138,65 @@ def test_serve_http_exposes_the_registry():
         server.shutdown()
         thread.join(timeout=5)
     assert 'ray_dinoray_step{phase="p",run="srv"} 5.0' in body
+
+
+def test_loss_components_are_the_models_loss_parts():
+    import model  # imports torch, which orchestrator.metrics must not do at import time
+
+    assert metrics.LOSS_PARTS == model.LOSS_PARTS
+    assert metrics.LOSS_COMPONENTS == ("total", *model.LOSS_PARTS)
+    assert {f"loss_{p}" for p in model.LOSS_PARTS} <= set(metrics.RECORD_KEYS)
+
+
+def test_every_rank_records_its_own_step_time_and_throughput(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    ranks = [metrics.StepMetrics("r", "p", str(path) if rank == 0 else None, rank=rank, backend="prometheus")
+             for rank in range(2)]
+    for rank, sm in enumerate(ranks):
+        sm.record(1, {"step_s": 0.2 + rank, "data_wait_s": 0.1 * rank, "images_per_s": 10.0 - rank, "loss": 1.0})
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1]  # rank 0 writes the lines
+    for rank, sm in enumerate(ranks):
+        s = _samples(sm.registry)
+        assert _val(s, "ray_dinoray_step_seconds_sum", run="r", phase="p", rank=str(rank)) == pytest.approx(0.2 + rank)
+        assert _val(s, "ray_dinoray_images_per_second", run="r", phase="p", rank=str(rank)) == 10.0 - rank
+        assert _val(s, "ray_dinoray_loss", run="r", phase="p", component="total") == 1.0  # no rank label
+    with pytest.raises(ValueError, match="rank"):
+        metrics.StepMetrics("r", "p", rank=-1, backend="none")
+
+
+def test_goodput_counts_lost_work_and_restarts():
+    sm = metrics.StepMetrics("r", "p", backend="prometheus")
+    sm.phase_start_unixtime = 1000.0
+    sm.record(1, {"step_s": 4.0})
+    sm.record(2, {"step_s": 6.0, "ckpt_stall_s": 2.0})  # a checkpoint stall is not productive
+    assert sm.productive_s == pytest.approx(8.0)
+    assert sm.goodput(now=1016.0) == pytest.approx(0.5)
+    saved = sm.state()
+    sm.record(3, {"step_s": 5.0})  # lost: the restart resumes from the checkpoint of step 2
+
+    again = metrics.StepMetrics("r", "p", backend="prometheus")
+    again.resume(saved, "preemption")
+    again.record(3, {"step_s": 4.0})
+    # 8 s kept + 4 s redone over 40 s since the first start; step 3's first 5 s are lost
+    assert again.goodput(now=1040.0) == pytest.approx(0.3)
+    s = _samples(again.registry)
+    assert 0 < _val(s, "ray_dinoray_goodput_ratio", run="r", phase="p") <= 1
+    restarts = {reason: _val(s, "ray_dinoray_restarts_total", run="r", phase="p", reason=reason)
+                for reason in metrics.RESTART_REASONS}
+    assert restarts == {"preemption": 1, "failure": 0, "resize": 0}
+    third = metrics.StepMetrics("r", "p", backend="none")
+    third.resume(again.state(), "failure")
+    assert third.restarts == {"preemption": 1, "failure": 1, "resize": 0}
+    fresh = metrics.StepMetrics("r", "p", backend="none")
+    fresh.resume({}, "failure")  # a checkpoint written before state() existed
+    assert fresh.restarts["failure"] == 1 and fresh.productive_s == 0.0
+    assert fresh.goodput(now=fresh.phase_start_unixtime) == 0.0
+    with pytest.raises(ValueError, match="not one of"):
+        fresh.resume({}, "oom")
+
+
+def test_restart_reason():
+    assert metrics.restart_reason(preempted=True, world_size=2, saved_world_size=4) == "preemption"
+    assert metrics.restart_reason(preempted=False, world_size=4, saved_world_size=2) == "resize"
+    assert metrics.restart_reason(preempted=False, world_size=2, saved_world_size=4) == "failure"
+    assert metrics.restart_reason(preempted=False, world_size=4, saved_world_size=4) == "failure"
