@@ -246,12 +246,14 @@ class DinoVisionTransformer(nn.Module):
         return x
 
     def _outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        xn = self.norm(x)
+        # LayerNorm is per token, so norming each slice gives the same numbers as slicing one normed
+        # tensor, but new tensors rather than views: FSDP2 hooks a unit's outputs for backward, and an
+        # in-place op on a returned view would drop that hook (FSDP2 warns "returned a view tensor").
         r = self.num_register_tokens
         return {
-            "x_norm_clstoken": xn[:, 0],
-            "x_norm_regtokens": xn[:, 1:r + 1],
-            "x_norm_patchtokens": xn[:, r + 1:],
+            "x_norm_clstoken": self.norm(x[:, 0]),
+            "x_norm_regtokens": self.norm(x[:, 1:r + 1]),
+            "x_norm_patchtokens": self.norm(x[:, r + 1:]),
             "x_prenorm": x,
             "masks": masks,
         }
