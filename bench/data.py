@@ -25,6 +25,7 @@ scale) show both produce the same output distribution.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -209,9 +210,11 @@ def _stats(batch, normalized):
 def compare(name, datas, seconds, batch_size, seed=0, torchvision=False):
     from orchestrator.data.augment import MultiCrop
     from orchestrator.data.loader import MultiCropLoader
+    from orchestrator.pipeline.config import CropsCfg
 
     ours = MultiCropLoader.__new__(MultiCropLoader)  # only _make_batch: no shards needed
-    ours.aug, ours.patch, ours.seed, ours.rank, ours.B = MultiCrop(), 14, seed, 0, batch_size
+    crops = MultiCrop(**dataclasses.asdict(CropsCfg()))  # the job defaults: the paper's crops and probabilities
+    ours.aug, ours.patch, ours.seed, ours.rank, ours.B = crops, 14, seed, 0, batch_size
     ours.mask_ratio, ours.mask_prob, ours.with_keys, ours.urls = (0.1, 0.5), 0.5, False, name
     refs = {"reference": Reference()}
     if torchvision:

@@ -22,7 +22,8 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
 def build_cifar_shards(out_dir: Path, splits=("train", "test"), log=print) -> dict[str, str]:
     """Build WebDataset shards of the CIFAR-10 tars once; returns {split: shard folder}."""
-    from orchestrator.data import shards
+    from orchestrator.data.build import build
+    from orchestrator.storage import Store
     urls = {}
     for split in splits:
         src = CIFAR / f"{split}.tar"
@@ -32,7 +33,7 @@ def build_cifar_shards(out_dir: Path, splits=("train", "test"), log=print) -> di
         dst = out_dir / f"cifar10-{split}"
         if not (dst / "index.json").exists():
             log(f"[demo] building shards {dst} from {src}")
-            shards.build(str(src), str(dst), samples_per_shard=5000, quiet=True)
+            build(Store(str(src)), Store(str(dst)), samples_per_shard=5000, quiet=True)
         urls[split] = str(dst)
     return urls
 

@@ -5,8 +5,8 @@
   keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (read by botocore itself, never copied
   into our objects) or from `storage_options` (job spec). Timeouts are bounded so that an unreachable
   bucket fails with a clear error instead of hanging.
-- `register_s3_opener()` teaches webdataset's `gopen` to open s3://, gs://, gcs://, az://, abfs://
-  and memory:// URLs through fsspec (webdataset only ships curl/gsutil pipes for some of them).
+- `open_url(url)` / `Store.open()`: a file object on any fsspec URL (large read-ahead for object
+  stores); shards are read through it, so no global scheme table (webdataset's gopen) is touched.
 - `atomic_write_bytes(url, data)` / `atomic_put_file(local, url)`: a reader never sees a half-written
   object. Local files: write a temporary file in the same folder, fsync, then os.replace. Object
   stores: a PUT (single or multipart) only becomes visible when complete, so we write directly.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
 from typing import Any
 
@@ -119,29 +120,39 @@ def _tmp_name(path: str) -> str:
     return os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
 
 
-def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write `data` to `url` so that readers see either nothing/the old object or the complete new one."""
-    proto = protocol_of(url)
-    fs, path = fs_for(url, storage_options)
-    if proto == "file":
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        tmp = _tmp_name(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    if proto in _OBJECT_STORES:
-        fs.pipe_file(path, data)
+def _replace_local(path: str, fill) -> None:
+    """Create local `path` atomically: `fill(f)` writes a temporary file beside it, fsync, os.replace."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _commit_remote(url: str, fs, path: str, put) -> None:
+    """Create remote `path` atomically with `put(target)`: directly on object stores (a PUT appears
+    only when complete), else through a temporary name and a move."""
+    if protocol_of(url) in _OBJECT_STORES:
+        put(path)
         return
     tmp = _tmp_name(path)
-    fs.pipe_file(tmp, data)
+    put(tmp)
     fs.mv(tmp, path)
+
+
+def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write `data` to `url` so that readers see either nothing/the old object or the complete new one."""
+    fs, path = fs_for(url, storage_options)
+    if protocol_of(url) == "file":
+        _replace_local(path, lambda f: f.write(data))
+    else:
+        _commit_remote(url, fs, path, lambda target: fs.pipe_file(target, data))
 
 
 def atomic_put_file(local_path: str, url: str, storage_options: dict | None = None, move: bool = False) -> None:
@@ -149,37 +160,25 @@ def atomic_put_file(local_path: str, url: str, storage_options: dict | None = No
 
     move=True lets a local destination on the same filesystem take the file by rename (no copy).
     """
-    proto = protocol_of(url)
     fs, path = fs_for(url, storage_options)
-    if proto == "file":
+    if protocol_of(url) != "file":
+        _commit_remote(url, fs, path, lambda target: fs.put_file(local_path, target))
+        return
+    if move:
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        if move:
-            try:
-                os.replace(local_path, path)
-                return
-            except OSError:
-                pass  # other filesystem: copy below
-        tmp = _tmp_name(path)
         try:
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    if proto in _OBJECT_STORES:
-        fs.put_file(local_path, path)
-        return
-    tmp = _tmp_name(path)
-    fs.put_file(local_path, tmp)
-    fs.mv(tmp, path)
+            os.replace(local_path, path)
+            return
+        except OSError:
+            pass  # other filesystem: copy below
+
+    def copy(dst):
+        with open(local_path, "rb") as src:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    _replace_local(path, copy)
 
 
-# ------------------------------------------------------------------------------------ webdataset
+# ------------------------------------------------------------------------------------------ reads
 
 def open_url(url: str, mode: str = "rb", storage_options: dict | None = None, block_size: int = 1 << 23):
     """Open a file-like object for reading/writing through fsspec (sequential, large read-ahead)."""
@@ -187,20 +186,6 @@ def open_url(url: str, mode: str = "rb", storage_options: dict | None = None, bl
     if protocol_of(url) == "file":
         return open(path, mode)
     return fs.open(path, mode, block_size=block_size, cache_type="readahead")
-
-
-def gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
-    """webdataset gopen handler: open any fsspec URL (credentials from env / storage_options)."""
-    return open_url(url, mode, storage_options=kw.get("storage_options"))
-
-
-def register_s3_opener(schemes=("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")) -> None:
-    """Register `gopen_fsspec` in webdataset's dispatch table for object-store schemes (idempotent)."""
-    import importlib
-
-    wds_gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
-    for s in schemes:
-        wds_gopen.gopen_schemes[s] = gopen_fsspec
 
 
 # ------------------------------------------------------------------------------------- redaction
@@ -277,6 +262,12 @@ class Store:
         return self.url.rsplit("/", 1)[-1]
 
     @property
+    def parent(self) -> "Store":
+        """The folder holding this location (same options)."""
+        head = self.url.rsplit("/", 1)[0] if "/" in self.url else "."
+        return Store(head or "/", self.options)
+
+    @property
     def is_local(self) -> bool:
         return protocol_of(self.url) == "file"
 
@@ -312,9 +303,15 @@ class Store:
         except FileNotFoundError:
             return []
 
-    def read_bytes(self) -> bytes:
+    def size(self) -> int:
+        """Size in bytes; FileNotFoundError when there is nothing here."""
         fs, path = self.fs()
-        return fs.cat_file(path)
+        return fs.size(path)
+
+    def read_bytes(self, start: int | None = None, end: int | None = None) -> bytes:
+        """The bytes here, or those in [start, end) (one ranged GET on object stores)."""
+        fs, path = self.fs()
+        return fs.cat_file(path, start=start, end=end)
 
     def read_json(self, default: Any = None) -> Any:
         """The parsed JSON object here, or `default` when there is none."""

@@ -1,5 +1,6 @@
 """Fast multi-crop vs the PIL/torchvision-semantics reference: same ops, same output distribution."""
 
+import dataclasses
 import io
 import sys
 import tarfile
@@ -12,9 +13,15 @@ from conftest import CIFAR_TEST_TAR
 from PIL import Image, ImageEnhance, ImageOps
 
 from orchestrator.data import augment as A
+from orchestrator.pipeline.config import CropsCfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import data as ref  # noqa: E402  bench/data.py: the reference pipeline
+
+
+def _multicrop(**overrides):
+    """MultiCrop with the job's default crops (CropsCfg), `overrides` applied."""
+    return A.MultiCrop(**{**dataclasses.asdict(CropsCfg()), **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +97,7 @@ def test_gray_blur_solarize_match_reference_ops():
 
 
 def test_photometric_probabilities():
-    mc = A.MultiCrop()
+    mc = _multicrop()
     rng = np.random.default_rng(1)
     g1, g2, lc = (mc.sample_photometric(rng, 20000, k) for k in ("global1", "global2", "local"))
     assert g1["blur"].all() and abs(g2["blur"].mean() - 0.1) < 0.01 and abs(lc["blur"].mean() - 0.5) < 0.015
@@ -108,7 +115,7 @@ def _run_ours(mc, datas, seed):
 
 
 def test_same_output_distribution_as_reference(cifar):
-    mc = A.MultiCrop(global_size=64, local_size=32)
+    mc = _multicrop(global_size=64, local_size=32)
     g, lc = _run_ours(mc, cifar * 3, 0)
     r = ref.Reference(G=64, L=32)
     rng = np.random.default_rng(0)
@@ -125,8 +132,8 @@ def test_same_output_distribution_as_reference(cifar):
 
 def test_dct_scaled_decode_is_close_to_full_decode():
     datas = ref.photo_jpegs(2, size=(1600, 1200))
-    mc_fast, mc_full = A.MultiCrop(global_size=64, local_size=32), A.MultiCrop(global_size=64, local_size=32,
-                                                                               dct_scaling=False)
+    mc_fast = _multicrop(global_size=64, local_size=32)
+    mc_full = _multicrop(global_size=64, local_size=32, dct_scaling=False)
     for d in datas:
         a = mc_fast.crop_image(d, np.random.default_rng(3))
         b = mc_full.crop_image(d, np.random.default_rng(3))
@@ -136,7 +143,7 @@ def test_dct_scaled_decode_is_close_to_full_decode():
 
 
 def test_deterministic_and_uint8(cifar):
-    mc = A.MultiCrop(global_size=32, local_size=16, n_local=3)
+    mc = _multicrop(global_size=32, local_size=16, n_local=3)
     a, b = _run_ours(mc, cifar[:4], 9), _run_ours(mc, cifar[:4], 9)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].dtype == torch.uint8 and a[0].shape == (8, 3, 32, 32) and a[1].shape == (12, 3, 16, 16)
@@ -145,7 +152,7 @@ def test_deterministic_and_uint8(cifar):
 
 
 def test_corrupt_and_odd_inputs():
-    mc = A.MultiCrop(global_size=32, local_size=16)
+    mc = _multicrop(global_size=32, local_size=16)
     rng = np.random.default_rng(0)
     with pytest.raises(Exception):
         mc.crop_image(b"\xff\xd8\xff\xe0garbage", rng)
@@ -155,3 +162,12 @@ def test_corrupt_and_odd_inputs():
     assert g.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="unknown crops keys"):
         A.MultiCrop.from_cfg({"global_sz": 3})
+
+
+def test_crop_keys_are_the_job_crops_section():
+    """MultiCrop's required settings are exactly CropsCfg's fields: the job spec holds their only defaults."""
+    assert set(A.CROP_KEYS) == {f.name for f in dataclasses.fields(CropsCfg)}
+    with pytest.raises(ValueError, match="missing"):
+        A.MultiCrop.from_cfg({"global_size": 32})
+    with pytest.raises(TypeError):
+        A.MultiCrop()  # no defaults outside CropsCfg

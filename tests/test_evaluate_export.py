@@ -93,12 +93,13 @@ def test_knn_eval_split_into_parallel_groups_matches_one_group(cifar_shards):
 def test_knn_eval_on_unlabelled_shards_says_what_is_missing(tmp_path):
     from PIL import Image
 
-    from orchestrator.data import shards
+    from orchestrator.data.build import build
+    from orchestrator.storage import Store
     src = tmp_path / "flat"  # images with no class folders: shards without .cls labels
     src.mkdir()
     for i in range(6):
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(src / f"{i}.jpg")
-    shards.build(str(src), str(tmp_path / "s"), samples_per_shard=4, quiet=True)
+    build(Store(str(src)), Store(str(tmp_path / "s")), samples_per_shard=4, quiet=True)
     net = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4)
     with pytest.raises(ValueError, match=r"lists 12 samples but 0 carry an image and a \.cls label"):
         evaluate.knn_eval(net.state_dict(), str(tmp_path / "s"), str(tmp_path / "s"), parallel=2)

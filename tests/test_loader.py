@@ -1,6 +1,6 @@
 """MultiCropLoader on real CIFAR-10 shards: layout, splitting, determinism, resume, bad data, S3."""
 
-import importlib
+import dataclasses
 import io
 import json
 import logging
@@ -11,11 +11,15 @@ import pytest
 import torch
 from conftest import CIFAR_TEST_TAR
 
-from orchestrator.data import shards
 from orchestrator import storage
+from orchestrator.data.build import build
+from orchestrator.data.index import read_index
 from orchestrator.data.loader import DataBudgetError, MultiCropLoader
+from orchestrator.data.samples import iter_samples
+from orchestrator.pipeline.config import CropsCfg
+from orchestrator.storage import Store
 
-CROPS = dict(global_size=28, local_size=14, n_global=2, n_local=2)
+CROPS = {**dataclasses.asdict(CropsCfg()), **dict(global_size=28, local_size=14, n_global=2, n_local=2)}
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +47,7 @@ def shard_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("ld")
     src = _subset_folder(base / "src", 230)
     dst = base / "shards"
-    index = shards.build(str(src), str(dst), samples_per_shard=37, quiet=True)
+    index = build(Store(str(src)), Store(str(dst)), samples_per_shard=37, quiet=True)
     assert [s["count"] for s in index["shards"]] == [37] * 6 + [8]
     return dst
 
@@ -86,7 +90,7 @@ def test_masks_on_a_real_grid(shard_dir):
 
 
 def test_two_ranks_two_workers_cover_every_sample_once(shard_dir):
-    index, _ = shards.read_index(str(shard_dir))
+    index, _ = read_index(Store(str(shard_dir)))
     seen, lens = [], []
     for rank in range(2):
         L = _loader(shard_dir, rank=rank, world_size=2, num_workers=2, with_keys=True, batch_size=8)
@@ -152,7 +156,7 @@ def _corrupt_shard(shard_dir, dst, n_bad):
     shutil.copytree(shard_dir, dst)
     p = dst / "shard-000000.tar"
     with open(p, "rb") as f:
-        samples = list(shards.iter_tar_samples(f))
+        samples = list(iter_samples(f))
     with tarfile.open(p, "w") as tf:
         for i, (key, sample) in enumerate(samples):
             for ext, data in sample.items():
@@ -180,17 +184,16 @@ def test_error_budget_exceeded_is_a_clear_error(shard_dir, tmp_path):
 
 
 def test_transient_errors_are_retried(shard_dir, monkeypatch):
-    wds_gopen = importlib.import_module("webdataset.gopen")
-    real, calls = wds_gopen.gopen, {"n": 0}
+    real, calls = Store.open, {"n": 0}
 
-    def flaky(url, *a, **kw):  # error path only: the first two opens fail like a dropped connection
+    def flaky(store, *a, **kw):  # error path only: the first two opens fail like a dropped connection
         calls["n"] += 1
         if calls["n"] <= 2:
             raise ConnectionResetError("connection reset by peer")
-        return real(url, *a, **kw)
+        return real(store, *a, **kw)
 
     expected = list(_loader(shard_dir))
-    monkeypatch.setattr(wds_gopen, "gopen", flaky)
+    monkeypatch.setattr(Store, "open", flaky)
     got = list(_loader(f"file://{shard_dir}", backoff=0.01))
     assert calls["n"] > 2 and all(_same(x, y) for x, y in zip(got, expected))
 

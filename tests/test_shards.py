@@ -7,8 +7,13 @@ import tarfile
 import pytest
 from conftest import CIFAR_TEST_TAR
 
-from orchestrator.data import shards
 from orchestrator import storage
+from orchestrator.cli import build_parser
+from orchestrator.data.build import build
+from orchestrator.data.index import read_index
+from orchestrator.data.samples import iter_samples
+from orchestrator.data.verify import verify
+from orchestrator.storage import Store
 
 
 def _cifar_members(n_per_class: int):
@@ -40,11 +45,11 @@ def small_folder(tmp_path_factory):
 
 
 def _read_all(folder_url, so=None):
-    index, folder = shards.read_index(folder_url, so)
+    index, folder = read_index(Store(folder_url, so))
     samples = {}
     for s in index["shards"]:
-        with storage.open_url(storage.join(folder, s["name"]), "rb", so) as f:
-            for key, sample in shards.iter_tar_samples(f):
+        with (folder / s["name"]).open("rb") as f:
+            for key, sample in iter_samples(f):
                 samples[key] = sample
     return index, samples
 
@@ -52,7 +57,7 @@ def _read_all(folder_url, so=None):
 def test_build_folder_skips_corrupt_and_keeps_original_bytes(small_folder, tmp_path):
     root, members = small_folder
     dst = tmp_path / "out"
-    index = shards.build(str(root), str(dst), samples_per_shard=15, writers=2, quiet=True)
+    index = build(Store(str(root)), Store(str(dst)), samples_per_shard=15, writers=2, quiet=True)
     assert index["total"] == 40 and len(index["shards"]) == 3
     assert [s["count"] for s in index["shards"]] == [14, 14, 12] or sum(s["count"] for s in index["shards"]) == 40
     assert index["classes"] == sorted({n.split("/")[1] for n in members})
@@ -66,7 +71,7 @@ def test_build_folder_skips_corrupt_and_keeps_original_bytes(small_folder, tmp_p
     for s in samples.values():  # label survives: find the source of these bytes
         name = next(n for n, d in members.items() if d == s["jpg"])
         assert classes[int(s["cls"])] == name.split("/")[1]
-    assert shards.verify(str(dst)) == []
+    assert verify(Store(str(dst))) == []
     assert not (dst / "_build").exists()
     assert sorted(os.listdir(dst)) == ["index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
 
@@ -76,7 +81,7 @@ def test_list_file_source_with_labels_and_bytes_limit(small_folder, tmp_path):
     files = sorted(p for p in root.rglob("*.jpg") if p.name not in ("broken.jpg", "notes.jpg"))[:10]
     lst = tmp_path / "list.txt"
     lst.write_text("# comment\n" + "".join(f"{p}\tlabel{i % 2}\n" for i, p in enumerate(files)))
-    index = shards.build(str(lst), str(tmp_path / "o"), samples_per_shard=0, bytes_per_shard=8000,
+    index = build(Store(str(lst)), Store(str(tmp_path / "o")), samples_per_shard=0, bytes_per_shard=8000,
                          quiet=True, shuffle_seed=None)
     assert index["total"] == 10 and index["classes"] == ["label0", "label1"]
     assert len(index["shards"]) >= 2 and index["params"]["src_kind"] == "list"
@@ -85,51 +90,43 @@ def test_list_file_source_with_labels_and_bytes_limit(small_folder, tmp_path):
 def test_verify_fails_on_truncated_and_flipped_shard(small_folder, tmp_path):
     root, _ = small_folder
     dst = tmp_path / "v"
-    shards.build(str(root), str(dst), samples_per_shard=20, quiet=True)
+    build(Store(str(root)), Store(str(dst)), samples_per_shard=20, quiet=True)
     s0, s1 = dst / "shard-000000.tar", dst / "shard-000001.tar"
     data = bytearray(s1.read_bytes())
     s0.write_bytes(s0.read_bytes()[:5000])  # truncated
     data[1500] ^= 0xFF  # flipped byte inside the first image
     s1.write_bytes(bytes(data))
-    problems = shards.verify(str(dst))
+    problems = verify(Store(str(dst)))
     text = "\n".join(problems)
     assert "shard-000000.tar" in text and "truncated" in text
     assert "shard-000001.tar: sha256" in text
-    args = _parser().parse_args(["shards", "verify", str(dst)])
+    args = build_parser().parse_args(["shards", "verify", str(dst)])
     assert args.func(args) == 1
-
-
-def _parser():
-    import argparse
-
-    p = argparse.ArgumentParser()
-    shards.add_commands(p.add_subparsers(dest="cmd"))
-    return p
 
 
 def test_interrupted_build_writes_only_missing_shards(small_folder, tmp_path, capsys):
     root, _ = small_folder
     dst = tmp_path / "r"
-    part = shards.build(str(root), str(dst), samples_per_shard=10, max_shards=2, writers=1, quiet=True)
+    part = build(Store(str(root)), Store(str(dst)), samples_per_shard=10, max_shards=2, writers=1, quiet=True)
     assert part["incomplete"] and part["done"] == 2 and not (dst / "index.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in dst.glob("shard-*.tar")}
     assert len(before) == 2
     # a stale partial file and a wrong-size shard from a crash are ignored / rewritten
     (dst / ".shard-000002.tar.abc.partial").write_bytes(b"junk")
-    args = _parser().parse_args(["shards", "build", str(root), str(dst), "--samples-per-shard", "10"])
+    args = build_parser().parse_args(["shards", "build", str(root), str(dst), "--samples-per-shard", "10"])
     assert args.func(args) == 0
     after = {p.name: p.stat().st_mtime_ns for p in dst.glob("shard-*.tar")}
     assert len(after) == 5 and all(after[n] == t for n, t in before.items())
     assert "2 already complete" in capsys.readouterr().err
-    assert shards.verify(str(dst)) == []
+    assert verify(Store(str(dst))) == []
     # a different plan into the same DST is refused with a clear message
     with pytest.raises(ValueError, match="other parameters"):
-        shards.build(str(root), str(dst), samples_per_shard=7, quiet=True)
+        build(Store(str(root)), Store(str(dst)), samples_per_shard=7, quiet=True)
 
 
 def test_round_trip_cifar_test_tar_local(tmp_path):
     dst = tmp_path / "cifar"
-    index = shards.build(str(CIFAR_TEST_TAR), str(dst), samples_per_shard=2000, writers=2, quiet=True)
+    index = build(Store(str(CIFAR_TEST_TAR)), Store(str(dst)), samples_per_shard=2000, writers=2, quiet=True)
     assert index["total"] == 10000 and not index["skipped"] and len(index["classes"]) == 10
     index2, samples = _read_all(f"file://{dst}/index.json")
     assert index2 == index and len(samples) == 10000
@@ -140,18 +137,18 @@ def test_round_trip_cifar_test_tar_local(tmp_path):
     for s in samples.values():
         counts[int(s["cls"])] = counts.get(int(s["cls"]), 0) + 1
     assert counts == {i: 1000 for i in range(10)}
-    assert shards.verify(str(dst)) == []
+    assert verify(Store(str(dst))) == []
 
 
 @pytest.mark.s3
 @pytest.mark.slow
 def test_round_trip_cifar_test_tar_s3(s3_server, tmp_path, capsys, caplog):
     dst = f"s3://{s3_server['bucket']}/cifar-test"
-    args = _parser().parse_args(["shards", "build", str(CIFAR_TEST_TAR), dst, "--samples-per-shard", "2500"])
+    args = build_parser().parse_args(["shards", "build", str(CIFAR_TEST_TAR), dst, "--samples-per-shard", "2500"])
     assert args.func(args) == 0
     index, samples = _read_all(dst)
     assert index["total"] == 10000 and len(samples) == 10000 and len(index["shards"]) == 4
-    args = _parser().parse_args(["shards", "verify", dst])
+    args = build_parser().parse_args(["shards", "verify", dst])
     assert args.func(args) == 0
     fs, path = storage.fs_for(dst)
     raw = fs.cat_file(path + "/index.json").decode()
@@ -165,9 +162,9 @@ def test_round_trip_cifar_test_tar_s3(s3_server, tmp_path, capsys, caplog):
     data = bytearray(fs.cat_file(f"{path}/{name}"))
     data[len(data) // 2] ^= 0x01
     fs.pipe_file(f"{path}/{name}", bytes(data))
-    assert any(name in p for p in shards.verify(dst))
+    assert any(name in p for p in verify(Store(dst)))
 
 
 def test_verify_missing_index_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="dinoray shards build"):
-        shards.verify(str(tmp_path))
+        verify(Store(str(tmp_path)))

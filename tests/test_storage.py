@@ -1,4 +1,4 @@
-"""orchestrator.storage: redaction, atomic writes, fsspec opener for webdataset, S3 errors."""
+"""orchestrator.storage: redaction, atomic writes, Store reads on local/memory/S3, S3 errors."""
 
 import logging
 import os
@@ -50,19 +50,17 @@ def test_s3_options_come_from_env(monkeypatch):
     assert storage.storage_options_for("/tmp/x") == {}
 
 
-def test_register_opener_reads_local_and_memory_through_webdataset(tmp_path):
-    import importlib
-
-    gopen = importlib.import_module("webdataset.gopen")
-    storage.register_s3_opener()
-    assert gopen.gopen_schemes["s3"] is storage.gopen_fsspec
+def test_store_reads_local_and_memory(tmp_path):
     storage.atomic_write_bytes("memory://dinoray-test/obj", b"hello")
-    with gopen.gopen("memory://dinoray-test/obj") as f:
+    with storage.Store("memory://dinoray-test/obj").open() as f:
         assert f.read() == b"hello"
+    storage.Store(str(tmp_path / "obj")).write_bytes(b"0123456789")
+    local = storage.Store(f"file://{tmp_path}") / "obj"
+    assert local.read_bytes(2, 5) == b"234" and local.size() == 10 and local.parent.local_path == str(tmp_path)
 
 
 def test_unreachable_endpoint_fails_fast_with_clear_error(monkeypatch, caplog):
-    from orchestrator.data import shards
+    from orchestrator.data.index import read_index
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNREACH1")
@@ -70,7 +68,7 @@ def test_unreachable_endpoint_fails_fast_with_clear_error(monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     t0 = time.monotonic()
     with pytest.raises(OSError) as ei:
-        shards.read_index("s3://no-such-bucket/shards", {"skip_instance_cache": True})
+        read_index(storage.Store("s3://no-such-bucket/shards", {"skip_instance_cache": True}))
     assert time.monotonic() - t0 < 60
     msg = str(ei.value)
     assert "s3://no-such-bucket/shards/index.json" in msg and "AWS_ENDPOINT_URL" in msg
@@ -78,17 +76,13 @@ def test_unreachable_endpoint_fails_fast_with_clear_error(monkeypatch, caplog):
 
 
 @pytest.mark.s3
-def test_s3_atomic_write_and_webdataset_gopen(s3_server, caplog):
-    import importlib
-
-    gopen = importlib.import_module("webdataset.gopen")
+def test_s3_atomic_write_and_store_open(s3_server, caplog):
     caplog.set_level(logging.DEBUG)
     url = f"s3://{s3_server['bucket']}/storage-test/obj.bin"
     storage.atomic_write_bytes(url, b"payload" * 1000)
     fs, path = storage.fs_for(url)
     assert fs.cat_file(path) == b"payload" * 1000
-    storage.register_s3_opener()
-    with gopen.gopen(url) as f:
+    with storage.Store(url).open() as f:
         assert f.read(7) == b"payload"
     # SigV4 never sends the secret, not even in botocore's DEBUG request dumps.
     assert s3_server["secret"] not in caplog.text

@@ -8,7 +8,7 @@ Same recipe and distribution as facebookresearch/dinov2 `DataAugmentationDINO` (
   ImageNet normalisation happens in the model (`model.normalize_images`), so crops stay uint8.
 
 Note on blur: the released dinov2 code wraps torchvision's RandomApply with keep_p = 1 - p, which
-in effect blurs with 0 / 0.9 / 0.5. We follow the paper/issue values (1.0 / 0.1 / 0.5) by default;
+in effect blurs with 0 / 0.9 / 0.5. CropsCfg's default follows the paper/issue values (1.0 / 0.1 / 0.5);
 pass blur_p=(0.0, 0.9, 0.5) to mimic the released code. bench/data.py uses the same values.
 
 Why it is fast (same outputs distribution, see tests/test_augment.py):
@@ -37,9 +37,9 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 PERMS = list(permutations(range(4)))  # 24 orders of the 4 jitter ops
 GRAY = (0.299, 0.587, 0.114)
-
-DEFAULT_CROPS = {"global_size": 224, "local_size": 98, "n_global": 2, "n_local": 8,
-                 "global_scale": (0.32, 1.0), "local_scale": (0.05, 0.32)}
+# The crop settings a MultiCrop needs (the job's `crops:` section, CropsCfg; defaults live only there).
+CROP_KEYS = ("global_size", "local_size", "n_global", "n_local", "global_scale", "local_scale", "blur_p",
+             "solarize_p")
 
 
 def crop_params(rng: np.random.Generator, height: int, width: int, scale, ratio=RATIO):
@@ -95,9 +95,11 @@ def decode(data: bytes, min_h: int = 0, min_w: int = 0) -> np.ndarray:
 class MultiCrop:
     """DINOv2 multi-crop. `crop_image` (per image, geometric) + `photometric` (batched, per crop)."""
 
-    def __init__(self, global_size=224, local_size=98, n_global=2, n_local=8, global_scale=(0.32, 1.0),
-                 local_scale=(0.05, 0.32), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2, jitter=JITTER,
-                 jitter_p=0.8, gray_p=0.2, dct_scaling=True):
+    def __init__(self, *, global_size: int, local_size: int, n_global: int, n_local: int, global_scale,
+                 local_scale, blur_p, solarize_p: float, jitter=JITTER, jitter_p: float = 0.8, gray_p: float = 0.2,
+                 dct_scaling: bool = True):
+        """Crop settings as in the job's `crops:` (CropsCfg holds their defaults); jitter / jitter_p /
+        gray_p are the DINOv2 recipe's fixed colour settings; dct_scaling=False decodes at full size."""
         if n_global < 1:
             raise ValueError("crops.n_global must be >= 1 (DINOv2 uses 2)")
         self.G, self.L, self.n_global, self.n_local = int(global_size), int(local_size), int(n_global), int(n_local)
@@ -107,13 +109,16 @@ class MultiCrop:
         self.dct_scaling = dct_scaling
 
     @classmethod
-    def from_cfg(cls, crops: dict | None) -> "MultiCrop":
-        cfg = dict(DEFAULT_CROPS)
-        unknown = set(crops or {}) - set(cfg) - {"blur_p", "solarize_p", "jitter", "jitter_p", "gray_p", "dct_scaling"}
+    def from_cfg(cls, crops: dict) -> "MultiCrop":
+        """From a `crops` dict (`dataclasses.asdict(CropsCfg())` and overrides), checking its keys."""
+        known = set(CROP_KEYS) | {"jitter", "jitter_p", "gray_p", "dct_scaling"}
+        unknown, missing = set(crops) - known, set(CROP_KEYS) - set(crops)
         if unknown:
-            raise ValueError(f"unknown crops keys {sorted(unknown)}; known: {sorted(cfg)}")
-        cfg.update(crops or {})
-        return cls(**cfg)
+            raise ValueError(f"unknown crops keys {sorted(unknown)}; known: {sorted(known)}")
+        if missing:
+            raise ValueError(f"crops keys {sorted(missing)} missing; pass every CropsCfg field "
+                             f"(dataclasses.asdict of the job's crops)")
+        return cls(**crops)
 
     # ------------------------------------------------------------------------------ geometric
     def crop_image(self, data: bytes, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

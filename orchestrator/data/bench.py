@@ -3,7 +3,7 @@
     dinoray bench data URL [--seconds 20] [--workers 4] [--batch-size 32] [--config crops.yaml] [--json]
     python -m orchestrator.data.bench URL ...        (same, without the dinoray entrypoint)
 
-URL is a shard folder / index.json on any fsspec URL. By default the paper's crops (2 x 224 + 8 x 98);
+URL is a shard folder / index.json on any fsspec URL. By default the job defaults (CropsCfg: 2 x 224 + 8 x 98);
 --config takes a YAML file with a `crops:` mapping (global_size, local_size, n_global, n_local,
 global_scale, local_scale) and optionally `patch_size`, or a job spec (its `crops:` and model.patch_size).
 With --json it prints one object with images_per_s and images_per_s_per_core (= images_per_s divided
@@ -13,6 +13,7 @@ by the CPU cores used: the DataLoader workers, or 1 with --workers 0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,21 +22,25 @@ import time
 from orchestrator import storage
 
 
-def _crops_from_config(path: str | None) -> tuple[dict | None, int]:
-    if not path:
-        return None, 14
+def _crops_from_config(path: str | None) -> tuple[dict, int]:
+    """(crops, patch_size): the job defaults (CropsCfg, ModelCfg), updated from the YAML at `path`."""
     import yaml
 
+    from orchestrator.pipeline.config import CropsCfg, ModelCfg
+
+    crops, patch = dataclasses.asdict(CropsCfg()), ModelCfg().patch_size
+    if not path:
+        return crops, patch
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     if "crops" not in cfg:
         raise ValueError(f"{path}: no `crops:` mapping found (a crops YAML or a job spec)")
-    patch = cfg.get("patch_size") or (cfg.get("model") or {}).get("patch_size") or 14
-    return cfg["crops"], int(patch)
+    patch = cfg.get("patch_size") or (cfg.get("model") or {}).get("patch_size") or patch
+    return {**crops, **cfg["crops"]}, int(patch)
 
 
-def run(url: str, *, seconds: float = 20.0, workers: int = 4, batch_size: int = 32, crops: dict | None = None,
-        patch_size: int = 14, storage_options: dict | None = None, warmup_batches: int = 1) -> dict:
+def run(url: str, *, crops: dict, patch_size: int, seconds: float = 20.0, workers: int = 4, batch_size: int = 32,
+        storage_options: dict | None = None, warmup_batches: int = 1) -> dict:
     """Iterate the loader for ~`seconds` after warm-up; returns the measurement dict."""
     import torch
 
@@ -68,7 +73,8 @@ def run(url: str, *, seconds: float = 20.0, workers: int = 4, batch_size: int = 
             "skipped": loader.skipped, "startup_s": round(t0 - t_start, 2)}
 
 
-def _cmd(args) -> int:
+def cmd_bench(args) -> int:
+    """`dinoray bench data`: args.url, seconds, workers, batch_size, config, json. Exit 2 on bad input."""
     try:
         crops, patch = _crops_from_config(args.config)
         res = run(args.url, seconds=args.seconds, workers=args.workers, batch_size=args.batch_size,
@@ -98,7 +104,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--config", help="YAML with crops: {...} (or a job spec)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=cmd_bench)
 
 
 def main(argv=None) -> int:

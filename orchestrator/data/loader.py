@@ -1,8 +1,7 @@
 """MultiCropLoader: DINOv2 batches streamed from WebDataset shards on any fsspec URL.
 
     loader = MultiCropLoader("s3://bucket/shards/index.json", batch_size=64, rank=r, world_size=W,
-                             seed=0, crops=dict(global_size=224, local_size=98, n_global=2, n_local=8),
-                             patch_size=14, num_workers=8)
+                             seed=0, crops=dataclasses.asdict(CropsCfg()), patch_size=14, num_workers=8)
     for batch in loader: ...          # one epoch from the saved position; `len(loader)` batches
     state = loader.state_dict()       # small JSON-able dict; MultiCropLoader(..., state=state) resumes
 
@@ -33,12 +32,9 @@ No entrypoint; used by orchestrator.training.driver (TRAIN) and `dinoray bench d
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import math
-import tarfile
-import time
 import warnings
 
 import numpy as np
@@ -46,10 +42,11 @@ import torch
 
 from orchestrator import storage
 from orchestrator.data.augment import MultiCrop
-from orchestrator.data.shards import read_index
+from orchestrator.data.index import read_index
+from orchestrator.data.samples import read_shard, sample_image
+from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif")
 STATE_VERSION = 1
 
 
@@ -58,10 +55,10 @@ class DataBudgetError(RuntimeError):
 
 
 def resolve_shards(urls, storage_options=None) -> tuple[list[dict], int]:
-    """-> ([{url, count}], n_classes) from an index.json URL, a shard folder, a brace pattern or a list."""
+    """-> ([{store, count}], n_classes) from an index.json URL, a shard folder, a brace pattern or a list."""
     if isinstance(urls, str) and (urls.endswith(".json") or not urls.endswith(".tar")):
-        index, folder = read_index(urls, storage_options)
-        return [{"url": storage.join(folder, s["name"]), "count": int(s["count"])} for s in index["shards"]], \
+        index, folder = read_index(Store(urls, storage_options))
+        return [{"store": folder / s["name"], "count": int(s["count"])} for s in index["shards"]], \
             len(index.get("classes", []))
     import braceexpand
 
@@ -69,79 +66,21 @@ def resolve_shards(urls, storage_options=None) -> tuple[list[dict], int]:
         [u for x in urls for u in braceexpand.braceexpand(x)]
     if not expanded:
         raise ValueError("no shard URLs given; pass an index.json URL, a folder or a brace pattern")
-    folder = expanded[0].rsplit("/", 1)[0]
+    stores = [Store(u, storage_options) for u in expanded]
     try:
-        index, _ = read_index(folder, storage_options)
-        counts = {storage.join(folder, s["name"]): int(s["count"]) for s in index["shards"]}
+        index, folder = read_index(stores[0].parent)
+        counts = {(folder / s["name"]).url: int(s["count"]) for s in index["shards"]}
         n_classes = len(index.get("classes", []))
     except (FileNotFoundError, ValueError, OSError):
         counts, n_classes = {}, 0
     out = []
-    for u in expanded:
-        if u not in counts:
-            warnings.warn(f"{storage.redact(u)} not in an index.json; counting its samples (slow). "
+    for shard in stores:
+        if shard.url not in counts:
+            warnings.warn(f"{storage.redact(shard.url)} not in an index.json; counting its samples (slow). "
                           f"Build shards with `dinoray shards build` to avoid this.", stacklevel=2)
-            counts[u] = sum(1 for _ in _open_samples(u, storage_options, 0, None, retries=3, backoff=0.5))
-        out.append({"url": u, "count": counts[u]})
+            counts[shard.url] = sum(1 for _ in read_shard(shard, retries=3, backoff=0.5))
+        out.append({"store": shard, "count": counts[shard.url]})
     return out, n_classes
-
-
-def _grouped(stream):
-    """Samples ({ext: bytes}) of a tar stream, consecutive members grouped by key (webdataset reader)."""
-    from webdataset import tariterators
-
-    key, cur = None, {}
-    for m in tariterators.tar_file_iterator(stream):
-        k, _, ext = m["fname"].rsplit("/", 1)[-1].partition(".")
-        if k != key and cur:
-            yield cur
-            cur = {}
-        key = k
-        cur[ext] = m["data"]
-        cur["__key__"] = k
-    if cur:
-        yield cur
-
-
-def _open_samples(url, so, start, end, retries, backoff):
-    """Yield samples start..end-1 of one shard; reopen + skip after errors; None marks a lost sample.
-
-    Storage errors are retried `retries` times with exponential backoff; a corrupt tar is retried once.
-    """
-    wds_gopen = importlib.import_module("webdataset.gopen")
-    storage.register_s3_opener()
-    got, attempt, corrupt = 0, 0, 0
-    while True:
-        try:
-            stream = wds_gopen.gopen(url, "rb", storage_options=so) if "://" in url else open(url, "rb")
-            with stream:
-                for pos, sample in enumerate(_grouped(stream)):
-                    if end is not None and pos >= end:
-                        return
-                    if pos >= start + got:
-                        yield sample
-                        got += 1
-            if end is not None and start + got < end:
-                raise EOFError(f"shard ended after {start + got} samples, index.json says >= {end}")
-            return
-        except (FileNotFoundError, PermissionError) as e:
-            raise OSError(f"cannot open shard: {storage.describe_error(url, e)}; check the URL and "
-                          f"credentials, or run `dinoray shards verify`") from None
-        except Exception as e:  # noqa: BLE001 - transient storage error or corrupt tar
-            is_corrupt = isinstance(e, (tarfile.TarError, EOFError, UnicodeDecodeError))
-            corrupt += is_corrupt
-            attempt += not is_corrupt
-            if attempt > retries or corrupt > 1:
-                n_lost = (end - start - got) if end is not None else 0
-                log.warning("giving up on %s (%d samples lost): %s", storage.redact(url), n_lost,
-                            storage.describe_error(url, e))
-                for _ in range(n_lost):
-                    yield None
-                return
-            delay = 0.0 if is_corrupt else backoff * 2 ** (attempt - 1)
-            log.warning("retrying %s in %.1fs (attempt %d/%d): %s", storage.redact(url), delay, attempt,
-                        retries, storage.describe_error(url, e))
-            time.sleep(delay)
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
@@ -158,8 +97,8 @@ class _EpochStream(torch.utils.data.IterableDataset):
 
 
 class MultiCropLoader:
-    def __init__(self, urls, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 crops: dict | None = None, patch_size: int = 14, mask: dict | None = None,
+    def __init__(self, urls, *, batch_size: int, crops: dict, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 patch_size: int = 14, mask: dict | None = None,
                  num_workers: int = 0, storage_options: dict | None = None, error_budget: float = 0.01,
                  state: dict | None = None, shuffle_buffer: int = 1000, retries: int = 5, backoff: float = 0.5,
                  prefetch_factor: int = 2, pin_memory: bool = False, with_keys: bool = False):
@@ -167,7 +106,7 @@ class MultiCropLoader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.urls, self.so = urls, storage_options
+        self.urls = urls
         self.B, self.rank, self.world, self.seed = int(batch_size), int(rank), int(world_size), int(seed)
         self.aug = MultiCrop.from_cfg(crops)
         self.patch = int(patch_size)
@@ -222,7 +161,7 @@ class MultiCropLoader:
 
     # -------------------------------------------------------------------------------- plan
     def _plan(self, epoch: int, w: int, nw: int):
-        """Segments [(url, start, end)] of worker w's chunk and its batch ids for this rank's epoch."""
+        """Segments [(shard Store, start, end)] of worker w's chunk and its batch ids for this rank's epoch."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         counts = [self.shards[i]["count"] for i in order]
         per_worker = [len(range(k, self.n_batches, nw)) for k in range(nw)]
@@ -232,7 +171,7 @@ class MultiCropLoader:
         for i, c in zip(order, counts):
             lo, hi = max(begin, pos), min(stop, pos + c)
             if lo < hi:
-                segs.append((self.shards[i]["url"], lo - pos, hi - pos))
+                segs.append((self.shards[i]["store"], lo - pos, hi - pos))
             pos += c
         return segs, list(range(w, self.n_batches, nw))
 
@@ -241,8 +180,8 @@ class MultiCropLoader:
         segs, _ = self._plan(epoch, w, nw)
         rng = np.random.default_rng([self.seed, epoch, self.rank, w, 1])
         buf = []
-        for url, lo, hi in segs:
-            for s in _open_samples(url, self.so, lo, hi, self.retries, self.backoff):
+        for shard, lo, hi in segs:
+            for s in read_shard(shard, lo, hi, self.retries, self.backoff):
                 if len(buf) < self.buffer:
                     buf.append(s)
                     continue
@@ -313,11 +252,11 @@ class MultiCropLoader:
     def _decode_sample(self, s, rng):
         if s is None:
             return None
-        ext = next((e for e in IMAGE_EXTS if e in s), None)  # noqa: SIM110
-        if ext is None:
+        image = sample_image(s)
+        if image is None:
             return None
         try:
-            g, lc = self.aug.crop_image(s[ext], rng)
+            g, lc = self.aug.crop_image(image[1], rng)
         except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt sample
             log.debug("corrupt sample skipped: %s", e)
             return None

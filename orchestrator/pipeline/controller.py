@@ -203,14 +203,14 @@ def _reset_from(job, state, restart_from, log) -> None:
 
 def _preflight(job: config.JobSpec, state: dict) -> None:
     """Fail fast, before Ray, on data a pending phase needs but cannot read."""
-    from orchestrator.data import shards
+    from orchestrator.data.index import read_index
     pending = [p for p, e in zip(job.phases, state["phases"]) if e["state"] != "done"]
     needed = {"data.train": job.data.train} if any(p.kind in config.TRAINING_KINDS for p in pending) else {}
     if any(p.kind == "eval" for p in pending):
         needed.update({"data.eval_train": job.data.eval_train, "data.eval_test": job.data.eval_test})
     for key, url in needed.items():
         try:
-            shards.read_index(url, job.storage_options)
+            read_index(storage.Store(url, job.storage_options))
         except (OSError, ValueError) as exc:
             raise PipelineError(f"{job.source}: {key}: {exc}") from None
 
