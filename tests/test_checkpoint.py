@@ -9,27 +9,32 @@ import json
 import pytest
 import torch
 
+from orchestrator.layout import PhaseDir
+from orchestrator.storage import Store
 from orchestrator.training import checkpoint
 
 
+def _dir(path) -> PhaseDir:
+    return PhaseDir(Store(str(path)))
+
+
 def _fake(run, step, committed=True):
-    d = run / "checkpoints" / f"step-{step:07d}"
-    d.mkdir(parents=True)
-    (d / "rank-0.pt").write_bytes(b"x")
+    ckpt = _dir(run).checkpoint(step)
+    PhaseDir.rank_extras(ckpt, 0).write_bytes(b"x")
     if committed:
-        (d / checkpoint.MARKER).write_text(json.dumps({"step": step}))
-    return d
+        PhaseDir.committed(ckpt).write_bytes(json.dumps({"step": step}).encode())
+    return ckpt
 
 
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
-    assert checkpoint.latest(str(tmp_path)) is None
+    assert checkpoint.latest(_dir(tmp_path)) is None
     _fake(tmp_path, 10)
     _fake(tmp_path, 20)
     _fake(tmp_path, 30, committed=False)      # a crash during the save of step 30
     (tmp_path / "checkpoints" / "junk").mkdir()
-    step, url = checkpoint.latest(str(tmp_path))
-    assert step == 20 and url.endswith("checkpoints/step-0000020")
-    assert checkpoint.list_steps(str(tmp_path)) == {10: True, 20: True, 30: False}
+    step, ckpt = checkpoint.latest(_dir(tmp_path))
+    assert step == 20 and ckpt.url.endswith("checkpoints/step-0000020")
+    assert checkpoint.list_steps(_dir(tmp_path)) == {10: True, 20: True, 30: False}
 
 
 class _FakeBackend:
@@ -42,9 +47,9 @@ def test_retention_keeps_last_n_and_drops_stale_incomplete(tmp_path):
     _fake(tmp_path, 4, committed=False)       # stale: older than the newest commit
     _fake(tmp_path, 9, committed=False)       # newer: maybe still being written, keep
     _fake(tmp_path, 5)
-    ck = checkpoint.Checkpointer(_FakeBackend(), str(tmp_path), keep_last=2, async_save=False)
-    ck._retain(5)
-    assert checkpoint.list_steps(str(tmp_path)) == {3: True, 5: True, 9: False}
+    ckpts = checkpoint.Checkpointer(_FakeBackend(), _dir(tmp_path), keep_last=2, async_save=False)
+    ckpts._retain(5)
+    assert checkpoint.list_steps(_dir(tmp_path)) == {3: True, 5: True, 9: False}
 
 
 class _ExportBackend:
@@ -63,16 +68,15 @@ def test_export_streams_to_model_and_backbone_files(tmp_path):
                "teacher.backbone.blocks.0.w": torch.randn(4, 4, generator=g).bfloat16(),
                "student.backbone.pos_embed": torch.randn(1, 5, 4, generator=g),
                "dino_centering.center": torch.zeros(0)}
-    checkpoint.export_final(_ExportBackend(tensors), str(tmp_path / "final"), "teacher.backbone.",
-                            info={"step": 3})
+    checkpoint.export_final(_ExportBackend(tensors), _dir(tmp_path), "teacher.backbone.", info={"step": 3})
     model = torch.load(tmp_path / "final" / "model.pth", weights_only=True)
     bb = torch.load(tmp_path / "final" / "backbone.pth", weights_only=True)
     assert model.keys() == tensors.keys() and all(torch.equal(model[k], v) for k, v in tensors.items())
     assert set(bb) == {"pos_embed", "blocks.0.w"} and bb["blocks.0.w"].dtype == torch.bfloat16
-    assert checkpoint.final_info(str(tmp_path)) == {"step": 3}
+    assert checkpoint.final_info(_dir(tmp_path)) == {"step": 3}
 
 
 def test_export_refuses_a_missing_backbone_prefix(tmp_path):
     with pytest.raises(RuntimeError, match="no tensor under 'teacher.backbone.'"):
-        checkpoint.export_final(_ExportBackend({"x": torch.ones(1)}), str(tmp_path / "f"), "teacher.backbone.")
-    assert checkpoint.final_info(str(tmp_path)) is None
+        checkpoint.export_final(_ExportBackend({"x": torch.ones(1)}), _dir(tmp_path / "f"), "teacher.backbone.")
+    assert checkpoint.final_info(_dir(tmp_path / "f")) is None

@@ -15,10 +15,12 @@ import pytest
 import torch
 from conftest import CIFAR_TEST_TAR
 
-from orchestrator.training import checkpoint
+from orchestrator.data.build import build
+from orchestrator.layout import RunLayout
 from orchestrator.pipeline import config
-from orchestrator.data import shards
-from orchestrator.training import driver as train, setup
+from orchestrator.storage import Store
+from orchestrator.training import checkpoint
+from orchestrator.training import driver as train
 from orchestrator.training import worker
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -36,7 +38,7 @@ def cifar(tmp_path_factory):
             p = base / "src" / m.name.split("/", 1)[1]
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(tf.extractfile(m).read())
-    shards.build(str(base / "src"), str(base / "shards"), samples_per_shard=64, quiet=True)
+    build(Store(str(base / "src")), Store(str(base / "shards")), samples_per_shard=64, quiet=True)
     return str(base / "shards")
 
 
@@ -65,18 +67,22 @@ def make_job(storage, data, name, **over) -> config.JobSpec:
     return config.job_from_dict(raw)
 
 
+def pretrain(job):
+    """The pretrain phase's folder (layout.PhaseDir)."""
+    return RunLayout.of(job).phase("pretrain")
+
+
 def metrics(job) -> list[dict]:
-    fs, path = checkpoint.fs_for(train.run_url(job, "pretrain") + "/metrics.jsonl", job.storage_options)
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines()]
+    return [json.loads(line) for line in pretrain(job).metrics.read_bytes().decode().splitlines()]
 
 
 def trace(job, rank=0) -> list[dict]:
-    fs, path = checkpoint.fs_for(train.run_url(job, "pretrain") + f"/trace/rank{rank}.jsonl", job.storage_options)
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines()]
+    lines = (pretrain(job).root / pretrain(job).trace_rel(rank)).read_bytes().decode().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def weights(job) -> dict:
-    return checkpoint.load_consolidated(train.run_url(job, "pretrain") + "/final/model.pth", job.storage_options)
+    return checkpoint.load_consolidated(pretrain(job).final_model)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +111,7 @@ def test_every_backend_runs_and_gives_the_same_loss_curve(curves):
         assert res["step"] == STEPS and res["checkpoint"].endswith(f"step-{STEPS:07d}")
         bb = build_backbone("vit_pico", img_size=32, patch_size=8)
         bb.load_state_dict(torch.load(res["backbone"], weights_only=True), strict=True)
-        assert checkpoint.list_steps(train.run_url(job, "pretrain")) == {10: True, 15: True, 20: True}
+        assert checkpoint.list_steps(pretrain(job)) == {10: True, 15: True, 20: True}
     assert curve[-1] < curve[0]  # it learns something
 
 
@@ -122,11 +128,11 @@ def test_kill_and_resume_on_s3_gives_equal_weights_and_exact_data(curves, cifar,
     job = make_job(f"s3://{s3_server['bucket']}/runs", cifar, "curve-fsdp2", storage_options=so,
                    debug={"kill_at_step": 12, "trace_samples": True})
     res = train.run_phase(job, "pretrain")
-    url = train.run_url(job, "pretrain")
-    assert checkpoint._exists(url + "/debug/killed-at-12", so), "the worker was never killed"
-    assert sorted(checkpoint.list_steps(url, so).items()) == [(10, True), (15, True), (20, True)]
-    assert res["checkpoint"].startswith("s3://") and checkpoint.final_info(url, so) == res
-    # on object storage the JSON-lines files are re-seeded at resume without the redone steps
+    phase = pretrain(job)
+    assert phase.debug_marker("killed-at-12").exists(), "the worker was never killed"
+    assert sorted(checkpoint.list_steps(phase).items()) == [(10, True), (15, True), (20, True)]
+    assert res["checkpoint"].startswith("s3://") and checkpoint.final_info(phase) == res
+    # the JSON-lines files are re-seeded at resume without the redone steps: each step once
     assert [m["step"] for m in metrics(job)] == list(range(1, STEPS + 1))
     for rank in (0, 1):   # every step read exactly the batch the uninterrupted run read
         got, ref = trace(job, rank), trace(ref_job, rank)
@@ -144,17 +150,20 @@ def test_kill_and_resume_on_s3_gives_equal_weights_and_exact_data(curves, cifar,
 
 def test_resume_reshards_two_ranks_to_one_and_skips_incomplete(curves):
     job2, _, _ = curves["fsdp2"]
-    url = train.run_url(job2, "pretrain")
-    fs, path = checkpoint.fs_for(url)
-    fs.rm(path + "/final", recursive=True)
-    fs.rm(path + "/checkpoints/step-0000020/COMMITTED")     # 20 and 15 become incomplete
-    fs.rm(path + "/checkpoints/step-0000015/COMMITTED")
+    phase = pretrain(job2)
+    phase.final.rm(recursive=True)
+    phase.committed(phase.checkpoint(20)).rm()     # 20 and 15 become incomplete
+    phase.committed(phase.checkpoint(15)).rm()
     job1 = make_job(job2.storage, job2.data.train, job2.name, num_workers=1)
+    t_resume = time.time()
     res = train.run_phase(job1, "pretrain")
-    steps = [m["step"] for m in metrics(job1)]
-    assert steps[STEPS:] == list(range(11, STEPS + 1)), steps   # resumed after step 10 on one rank
+    ms = metrics(job1)
+    # resumed after step 10 on one rank: steps 1-10 are the first run's records, 11-20 new ones,
+    # each step recorded once (local storage too: the redone steps' old records were dropped)
+    assert [m["step"] for m in ms] == list(range(1, STEPS + 1)), [m["step"] for m in ms]
+    assert all((m["time"] < t_resume) == (m["step"] <= 10) for m in ms), [(m["step"], m["time"]) for m in ms]
     assert res["step"] == STEPS and all(math.isfinite(v) for v in res["metrics"].values())
-    info = json.loads(fs.cat_file(path + f"/checkpoints/step-{STEPS:07d}/COMMITTED"))
+    info = phase.committed(phase.checkpoint(STEPS)).read_json()
     assert info["world_size"] == 1
 
 
@@ -189,8 +198,9 @@ def test_nan_past_rollback_budget_fails_with_step_parts_and_ranks(ray_cluster, c
     assert "max_rollbacks=1" in msg
 
 
-def _phase_in_process(rank, world, job, phase, arch):
-    worker.worker_loop({"job": job, "phase": phase, "student_arch": arch})  # the real loop, no Ray
+def _phase_in_process(rank, world, job, phase_name, arch):
+    """The real worker loop in a plain gloo group (no Ray), given what driver.run_phase gives it."""
+    worker.worker_loop(train.worker_config(job, job.phase(phase_name), arch))
     return None
 
 
@@ -218,4 +228,4 @@ def test_highres_then_distill_start_from_the_previous_phase(curves, cifar):
                                      if not n.endswith("pos_embed"))   # the frozen highres teacher
     bb = build_backbone("vit_pico", img_size=32, patch_size=8)   # distill runs at the job's 32 px crops
     bb.load_state_dict(torch.load(f"{root}/distill-vit_pico/final/backbone.pth", weights_only=True), strict=True)
-    assert checkpoint.final_info(f"{root}/distill-vit_pico")["steps"] == 3
+    assert checkpoint.final_info(RunLayout.of(job).phase("distill-vit_pico"))["steps"] == 3

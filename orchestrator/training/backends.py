@@ -1,6 +1,6 @@
 """Sharding backends (fsdp2 / deepspeed / ddp) behind one small interface.
 
-The worker loop (orchestrator/train.py) only calls, once per step and in this order:
+The worker loop (orchestrator/training/worker.py) only calls, once per step and in this order:
 
     backend.zero_grad()
     loss, parts = backend.forward(batch, teacher_temp=...)
@@ -17,7 +17,6 @@ No entrypoint; exercised by `.venv/bin/python -m pytest tests/test_backends.py -
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
@@ -35,12 +34,6 @@ def clean_name(name: str) -> str:
     for p in WRAPPER_PREFIXES:
         name = name.replace(p, "")
     return name
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _towers(meta: nn.Module) -> dict[str, nn.Module]:
@@ -68,7 +61,8 @@ class Backend:
 
     def __init__(self, meta: nn.Module, job, device: torch.device, optim):
         self.meta, self.job, self.device, self.optim = meta, job, device, optim
-        self.rank, self.world = _world()
+        grouped = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
         self.model: nn.Module = meta
         self.optimizer = None
         ac = job.precision.autocast
@@ -160,16 +154,17 @@ class FSDP2Backend(Backend):
         super().__init__(meta, job, device, optim)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-        p = job.precision
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[p.param_dtype], reduce_dtype=DTYPES[p.reduce_dtype])
+        precision = job.precision
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision.param_dtype],
+                                  reduce_dtype=DTYPES[precision.reduce_dtype])
         # uint8 images and float mask weights enter at the root: do not cast them there.
-        mp_root = MixedPrecisionPolicy(param_dtype=DTYPES[p.param_dtype], reduce_dtype=DTYPES[p.reduce_dtype],
-                                       cast_forward_inputs=False)
+        mp_root = MixedPrecisionPolicy(param_dtype=DTYPES[precision.param_dtype],
+                                       reduce_dtype=DTYPES[precision.reduce_dtype], cast_forward_inputs=False)
         mesh = init_device_mesh(device.type, (self.world,))
         meta.to(device)
-        # Fixed order. (1) activation checkpointing and (2) compile wrap single blocks, so they come
-        # before (3) sharding, which must see the final module tree; (4) the optimiser is built last,
-        # over the sharded (DTensor) parameters.
+        # Fixed order, as torchtitan's: (1) activation checkpointing wraps each block, (2) compile
+        # compiles each (wrapped) block; both come before (3) sharding, which must see the final
+        # module tree; (4) the optimiser is built last, over the sharded (DTensor) parameters.
         _per_block(meta, job.fsdp.activation_checkpointing, job.fsdp.compile, towers=("student",))
         for name, tower in _towers(meta).items():
             for mod in _backbones_and_heads(tower):
@@ -201,20 +196,18 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, meta, job, device, optim):
         super().__init__(meta, job, device, optim)
-        os.environ.setdefault("DS_BUILD_OPS", "0")
         import deepspeed
-        o = optim
         stage = job.deepspeed.zero_stage
         self.stage = stage
         bf16 = job.precision.param_dtype == "bf16"
-        micro = max(1, o.batch_size // max(self.world, 1))
+        micro = max(1, optim.batch_size // max(self.world, 1))
         cfg = {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": o.clip_grad,
+            "gradient_clipping": optim.clip_grad,
             "zero_optimization": {"stage": stage},
             "bf16": {"enabled": bf16},
-            "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "betas": list(o.adamw_betas),
+            "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "betas": list(optim.adamw_betas),
                                                       "weight_decay": 0.0, "torch_adam": True}},
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
@@ -226,7 +219,7 @@ class DeepSpeedBackend(Backend):
         self.ema_targets, self.ema_sources = meta.ema_pairs()
         full = [t.detach().float().reshape(-1).clone() for t in self.ema_targets]  # before partitioning
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=meta, model_parameters=adamw_groups(meta, o), config=cfg)
+            model=meta, model_parameters=adamw_groups(meta, optim), config=cfg)
         self.model = self.engine
         # fp32 EMA state laid out exactly like the teacher's partitions (ZeRO-3) or full (ZeRO-2)
         self.teacher_fp32 = []
@@ -312,8 +305,10 @@ class DeepSpeedBackend(Backend):
 
 
 def _per_block(meta: nn.Module, ac: bool, compile_: bool, towers=("student",)) -> None:
-    """Activation checkpointing and/or torch.compile on each transformer block of the trained towers.
-    Checkpoint wrapping renames parameters ('_checkpoint_wrapped_module.'); exports strip it."""
+    """Activation checkpointing, then torch.compile, on each transformer block of the trained towers
+    (torchtitan's order: the compiled region is the checkpointed block). Checkpoint wrapping renames
+    parameters ('_checkpoint_wrapped_module.'); exports strip it. `Module.compile()` compiles in place
+    and renames nothing."""
     if not (ac or compile_):
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -326,10 +321,10 @@ def _per_block(meta: nn.Module, ac: bool, compile_: bool, towers=("student",)) -
             if blocks is None:
                 continue
             for i, blk in enumerate(blocks):
+                if ac:
+                    blocks[i] = blk = checkpoint_wrapper(blk)
                 if compile_:
                     blk.compile()
-                if ac:
-                    blocks[i] = checkpoint_wrapper(blk)
 
 
 BACKENDS = {"ddp": DDPBackend, "fsdp2": FSDP2Backend, "deepspeed": DeepSpeedBackend}

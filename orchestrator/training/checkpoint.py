@@ -1,6 +1,6 @@
-"""Sharded checkpoints on any fsspec URL, with a commit marker, retention and async save.
+"""Sharded checkpoints on any Store (local or fsspec), with a commit marker, retention and async save.
 
-Layout under a run directory `{storage}/{job}/{runkey}/`:
+Layout under a phase folder (orchestrator/layout.py `PhaseDir`, which names every path):
 
     checkpoints/step-0000100/            one checkpoint
         .metadata, __0_0.distcp, ...     DCP shards (fsdp2, ddp): any world size can load them
@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -29,48 +28,24 @@ import time
 import torch
 import torch.distributed as dist
 
-from orchestrator.storage import atomic_put_file, atomic_write_bytes, fs_for, join, protocol_of, storage_options_for
-
-MARKER = "COMMITTED"
-DONE = "DONE"
-_STEP_RE = re.compile(r"step-(\d{7,})$")
+from orchestrator.layout import PhaseDir
+from orchestrator.storage import Store
 
 
-def step_url(run_url: str, step: int) -> str:
-    return join(run_url, "checkpoints", f"step-{step:07d}")
-
-
-def _exists(url: str, so) -> bool:
-    fs, path = fs_for(url, so)
-    return fs.exists(path)
-
-
-def _read_json(url: str, so) -> dict:
-    fs, path = fs_for(url, so)
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
-
-
-def list_steps(run_url: str, so=None) -> dict[int, bool]:
-    """{step: committed} for every checkpoint folder under run_url/checkpoints."""
-    fs, root = fs_for(join(run_url, "checkpoints"), so)
-    try:
-        fs.invalidate_cache()
-        entries = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return {}
+def list_steps(phase: PhaseDir) -> dict[int, bool]:
+    """{step: committed} for every checkpoint folder of the phase."""
     out = {}
-    for e in entries:
-        m = _STEP_RE.search(e.rstrip("/"))
-        if m:
-            out[int(m.group(1))] = fs.exists(e.rstrip("/") + "/" + MARKER)
+    for name in phase.checkpoints.ls():
+        step = PhaseDir.parse_step(name)
+        if step is not None:
+            out[step] = PhaseDir.committed(phase.checkpoints / name).exists()
     return out
 
 
-def latest(run_url: str, so=None) -> tuple[int, str] | None:
-    """(step, url) of the newest committed checkpoint; incomplete ones are ignored."""
-    done = sorted(s for s, ok in list_steps(run_url, so).items() if ok)
-    return (done[-1], step_url(run_url, done[-1])) if done else None
+def latest(phase: PhaseDir) -> tuple[int, Store] | None:
+    """(step, location) of the newest committed checkpoint; incomplete ones are ignored."""
+    done = sorted(s for s, ok in list_steps(phase).items() if ok)
+    return (done[-1], phase.checkpoint(done[-1])) if done else None
 
 
 def _torch_bytes(obj) -> bytes:
@@ -79,10 +54,8 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def _load_torch(url: str, so) -> object:
-    fs, path = fs_for(url, so)
-    with fs.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+def _load_torch(store: Store) -> object:
+    return torch.load(io.BytesIO(store.read_bytes()), map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict:
@@ -99,16 +72,15 @@ def set_rng_state(s: dict) -> None:
 
 
 class Checkpointer:
-    """Save/load one run's checkpoints for a `backends.Backend`. Every method is collective."""
+    """Save/load one phase's checkpoints for a `backends.Backend`. Every method is collective."""
 
-    def __init__(self, backend, run_url: str, *, storage_options=None, keep_last: int = 3,
-                 async_save: bool = True):
-        self.b, self.run_url, self.so = backend, run_url.rstrip("/"), storage_options or {}
+    def __init__(self, backend, phase: PhaseDir, *, keep_last: int = 3, async_save: bool = True):
+        self.backend, self.phase = backend, phase
         self.keep_last = keep_last
         self.rank, self.world = backend.rank, backend.world
         self.dcp = backend.kind in ("fsdp2", "ddp")
         self.async_save = async_save and self.dcp
-        self._pending = None   # (step, url, future, t0) of an async save not yet committed
+        self._pending = None   # (step, location, future, t0) of an async save not yet committed
         self.last_async_s = None
         self._pg = None
         if self.async_save and self.world > 1:
@@ -120,56 +92,53 @@ class Checkpointer:
         stall_s (time the training thread was blocked) and save_s (sync: whole save)."""
         t0 = time.perf_counter()
         self.wait()                      # at most one save in flight
-        url = step_url(self.run_url, step)
-        if self.rank == 0:
-            fs, path = fs_for(url, self.so)
-            fs.invalidate_cache()
-            if fs.exists(path):          # leftovers of a crashed attempt at the same step
-                fs.rm(path, recursive=True)
+        ckpt = self.phase.checkpoint(step)
+        if self.rank == 0 and ckpt.exists():   # leftovers of a crashed attempt at the same step
+            ckpt.rm(recursive=True)
         self._barrier()
-        extras = {**extras, "step": step, "world_size": self.world, "backend": self.b.kind,
+        extras = {**extras, "step": step, "world_size": self.world, "backend": self.backend.kind,
                   "rng": rng_state()}
-        atomic_write_bytes(join(url, f"rank-{self.rank}.pt"), _torch_bytes(extras), self.so)
+        PhaseDir.rank_extras(ckpt, self.rank).write_bytes(_torch_bytes(extras))
         if self.dcp:
-            self._save_dcp(url, step)
+            self._save_dcp(ckpt, step)
         else:
-            self._save_deepspeed(url, step)
-            self._commit(step, url)
+            self._save_deepspeed(ckpt, step)
+            self._commit(step, ckpt)
         stall = time.perf_counter() - t0
         return {"stall_s": stall, "save_s": None if self._pending else stall}
 
-    def _save_dcp(self, url: str, step: int) -> None:
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(self.backend.meta, self.backend.optimizer)
+        return {"model": msd, "optim": osd}
+
+    def _save_dcp(self, ckpt: Store, step: int) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        msd, osd = get_state_dict(self.b.meta, self.b.optimizer)
-        state = {"model": msd, "optim": osd}
-        writer = (dcp.FileSystemWriter(fs_for(url)[1]) if protocol_of(url) == "file"  # no fsspec layer
-                  else FsspecWriter(url, **storage_options_for(url, self.so)))
+        state = self._dcp_state()
+        writer = (dcp.FileSystemWriter(ckpt.local_path) if ckpt.is_local  # no fsspec layer
+                  else FsspecWriter(ckpt.url, **ckpt.fsspec_options()))
         if self.async_save:
             fut = dcp.async_save(state, storage_writer=writer, process_group=self._pg)
-            self._pending = (step, url, fut, time.perf_counter())
+            self._pending = (step, ckpt, fut, time.perf_counter())
         else:
             dcp.save(state, storage_writer=writer)
             self._barrier()
-            self._commit(step, url)
+            self._commit(step, ckpt)
 
-    def _save_deepspeed(self, url: str, step: int) -> None:
-        tag = f"step-{step:07d}"
-        local = protocol_of(url) == "file"
-        base = fs_for(join(self.run_url, "checkpoints"), self.so)[1] if local else tempfile.mkdtemp(prefix="ds-")
+    def _save_deepspeed(self, ckpt: Store, step: int) -> None:
+        """DeepSpeed writes {base}/{tag}/: in place when local, else into a staging folder that each
+        rank uploads (the files it wrote) and removes."""
+        tag = PhaseDir.checkpoint_tag(step)
+        base, staged = self.phase.checkpoints.staging_dir(prefix="ds-")
         try:
-            self.b.engine.save_checkpoint(base, tag=tag, save_latest=False)
-            teacher = [t.cpu() for t in self.b.teacher_fp32]
-            tpath = os.path.join(base, tag, f"teacher_fp32-rank{self.rank}.pt")
-            torch.save(teacher, tpath)
-            if not local:  # each rank uploads the files it wrote (its own staging folder)
-                for dirpath, _, files in os.walk(os.path.join(base, tag)):
-                    for fn in files:
-                        rel = os.path.relpath(os.path.join(dirpath, fn), os.path.join(base, tag))
-                        atomic_put_file(os.path.join(dirpath, fn), join(url, rel), self.so)
+            self.backend.engine.save_checkpoint(base, tag=tag, save_latest=False)
+            teacher = [t.cpu() for t in self.backend.teacher_fp32]
+            torch.save(teacher, os.path.join(base, tag, PhaseDir.teacher_fp32_name(self.rank)))
+            if staged:
+                ckpt.upload_dir(os.path.join(base, tag))
         finally:
-            if not local:
+            if staged:
                 shutil.rmtree(base, ignore_errors=True)
         self._barrier()
 
@@ -177,7 +146,7 @@ class Checkpointer:
         """Non-blocking: commit an async save whose writes have finished; returns its step."""
         if self._pending is None:
             return None
-        step, url, fut, _ = self._pending
+        fut = self._pending[2]
         done = torch.tensor([1 if fut.done() else 0])
         if self.world > 1:  # every rank must agree before the marker is written
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
@@ -194,100 +163,91 @@ class Checkpointer:
         return self._finish_pending()
 
     def _finish_pending(self) -> int:
-        step, url, fut, t0 = self._pending
+        step, ckpt, fut, t0 = self._pending
         fut.result()  # re-raises a failed background write
         self._pending = None
-        self._commit(step, url)
+        self._commit(step, ckpt)
         self.last_async_s = time.perf_counter() - t0
         return step
 
-    def _commit(self, step: int, url: str) -> None:
+    def _commit(self, step: int, ckpt: Store) -> None:
         if self.rank == 0:
-            info = {"step": step, "world_size": self.world, "backend": self.b.kind, "time": time.time()}
-            atomic_write_bytes(join(url, MARKER), json.dumps(info).encode(), self.so)
+            info = {"step": step, "world_size": self.world, "backend": self.backend.kind, "time": time.time()}
+            PhaseDir.committed(ckpt).write_bytes(json.dumps(info).encode())
             self._retain(step)
         self._barrier()
 
     def _retain(self, newest: int) -> None:
-        steps = list_steps(self.run_url, self.so)
+        steps = list_steps(self.phase)
         done = sorted(s for s, ok in steps.items() if ok)
         drop = done[:-self.keep_last] + [s for s, ok in steps.items() if not ok and s < newest]
-        fs, _ = fs_for(self.run_url, self.so)
-        fs.invalidate_cache()  # object stores: a cached listing would leave files behind
-        for s in drop:
-            u = step_url(self.run_url, s)
-            p = fs_for(u, self.so)[1]
-            if s in done:  # un-commit first so a concurrent reader never sees a half-deleted one
-                fs.rm(p.rstrip("/") + "/" + MARKER)
-            fs.rm(p, recursive=True)
-            if protocol_of(u) != "file":  # stores with real folders (SeaweedFS) keep an empty one
-                fs.invalidate_cache()
-                try:
-                    fs.rm(p.rstrip("/") + "/")
-                except (FileNotFoundError, OSError):
-                    pass
+        for step in drop:
+            ckpt = self.phase.checkpoint(step)
+            if step in done:  # un-commit first so a concurrent reader never sees a half-deleted one
+                PhaseDir.committed(ckpt).rm()
+            ckpt.rm(recursive=True)
 
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
     # ------------------------------------------------------------------ load
-    def load(self, url: str) -> dict:
+    def load(self, ckpt: Store) -> dict:
         """Load weights, optimiser and teacher state; returns this rank's extras (rank 0's when the
         checkpoint was written by a different world size: DCP reshards, the loader state is global)."""
-        info = _read_json(join(url, MARKER), self.so)
-        if info["backend"] != self.b.kind:
-            raise RuntimeError(f"{url}: written by backend '{info['backend']}', this run uses "
-                               f"'{self.b.kind}'; resume with the same backend or start a new run name")
+        info = PhaseDir.committed(ckpt).read_json()
+        if info["backend"] != self.backend.kind:
+            raise RuntimeError(f"{ckpt.url}: written by backend '{info['backend']}', this run uses "
+                               f"'{self.backend.kind}'; resume with the same backend or start a new run name")
         if self.dcp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-            msd, osd = get_state_dict(self.b.meta, self.b.optimizer)
-            state = {"model": msd, "optim": osd}
-            reader = (dcp.FileSystemReader(fs_for(url)[1]) if protocol_of(url) == "file"
-                      else FsspecReader(url, **storage_options_for(url, self.so)))
-            dcp.load(state, storage_reader=reader)
-            set_state_dict(self.b.meta, self.b.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+            self._load_dcp(ckpt)
         else:
             if info["world_size"] != self.world:
-                raise RuntimeError(f"{url}: DeepSpeed checkpoint of {info['world_size']} ranks cannot be "
+                raise RuntimeError(f"{ckpt.url}: DeepSpeed checkpoint of {info['world_size']} ranks cannot be "
                                    f"loaded by {self.world}; use backend fsdp2 to change the world size")
-            self._load_deepspeed(url, info["step"])
-        r = self.rank if info["world_size"] == self.world else 0
-        extras = _load_torch(join(url, f"rank-{r}.pt"), self.so)
+            self._load_deepspeed(ckpt, info["step"])
+        rank = self.rank if info["world_size"] == self.world else 0
+        extras = _load_torch(PhaseDir.rank_extras(ckpt, rank))
         extras["resharded"] = info["world_size"] != self.world
         self._barrier()
         return extras
 
-    def _load_deepspeed(self, url: str, step: int) -> None:
-        tag = f"step-{step:07d}"
-        local = protocol_of(url) == "file"
-        base = fs_for(join(self.run_url, "checkpoints"), self.so)[1] if local else tempfile.mkdtemp(prefix="ds-")
+    def _load_dcp(self, ckpt: Store) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self._dcp_state()
+        reader = (dcp.FileSystemReader(ckpt.local_path) if ckpt.is_local
+                  else FsspecReader(ckpt.url, **ckpt.fsspec_options()))
+        dcp.load(state, storage_reader=reader)
+        set_state_dict(self.backend.meta, self.backend.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def _load_deepspeed(self, ckpt: Store, step: int) -> None:
+        tag = PhaseDir.checkpoint_tag(step)
+        base, staged = self.phase.checkpoints.staging_dir(prefix="ds-")
         try:
-            if not local:
-                fs, path = fs_for(url, self.so)
-                fs.get(path.rstrip("/") + "/", os.path.join(base, tag) + "/", recursive=True)
-            self.b.engine.load_checkpoint(base, tag=tag, load_lr_scheduler_states=False)
-            teacher = torch.load(os.path.join(base, tag, f"teacher_fp32-rank{self.rank}.pt"),
+            if staged:
+                ckpt.download_dir(os.path.join(base, tag))
+            self.backend.engine.load_checkpoint(base, tag=tag, load_lr_scheduler_states=False)
+            teacher = torch.load(os.path.join(base, tag, PhaseDir.teacher_fp32_name(self.rank)),
                                  map_location="cpu", weights_only=True)
-            for dst, src in zip(self.b.teacher_fp32, teacher):
+            for dst, src in zip(self.backend.teacher_fp32, teacher):
                 dst.copy_(src)
-            self.b.sync_teacher_()
+            self.backend.sync_teacher_()
         finally:
-            if not local:
+            if staged:
                 shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- consolidated export
-def export_final(backend, final_url: str, backbone_prefix: str, so=None, info: dict | None = None) -> None:
-    """Write final/model.pth (every tower: backbones, heads, centres) and final/backbone.pth (the
-    tower's backbone under `backbone_prefix`, in dinov2 key names), then final/DONE (JSON `info`).
+def export_final(backend, phase: PhaseDir, backbone_prefix: str, info: dict | None = None) -> None:
+    """Write the phase's final model (every tower: backbones, heads, centres) and final backbone (the
+    tower's backbone under `backbone_prefix`, in dinov2 key names), then the DONE marker (JSON `info`).
 
     Streamed: one parameter is gathered at a time; rank 0 writes it into its own file-backed
     (mmap) storage, so anonymous memory never holds more than one full tensor. torch.save then reads
-    those pages back while writing the .pth, which is uploaded to `final_url` as a file."""
+    those pages back while writing each .pth, which is then committed to the phase's final folder."""
     rank = backend.rank
     tmp = tempfile.mkdtemp(prefix="dinoray-export-") if rank == 0 else None
     try:
@@ -299,19 +259,19 @@ def export_final(backend, final_url: str, backbone_prefix: str, so=None, info: d
             if t.numel() == 0:
                 full[name] = t.clone()
                 continue
-            m = torch.from_file(os.path.join(tmp, f"{i}.bin"), shared=True, size=t.numel(), dtype=t.dtype)
-            m.copy_(t.reshape(-1))
-            full[name] = m.view(t.shape)
+            mapped = torch.from_file(os.path.join(tmp, f"{i}.bin"), shared=True, size=t.numel(), dtype=t.dtype)
+            mapped.copy_(t.reshape(-1))
+            full[name] = mapped.view(t.shape)
             del t
         if rank == 0:
             bb = {k[len(backbone_prefix):]: v for k, v in full.items() if k.startswith(backbone_prefix)}
             if not bb:
                 raise RuntimeError(f"export: no tensor under '{backbone_prefix}' (have e.g. {list(full)[:3]})")
-            for fname, obj in (("model.pth", full), ("backbone.pth", bb)):
-                path = os.path.join(tmp, fname)
+            for dest, obj in ((phase.final_model, full), (phase.final_backbone, bb)):
+                path = os.path.join(tmp, dest.name)
                 torch.save(obj, path)
-                atomic_put_file(path, join(final_url, fname), so)
-            atomic_write_bytes(join(final_url, DONE), json.dumps(info or {}).encode(), so)
+                dest.put_file(path)
+            phase.final_done.write_bytes(json.dumps(info or {}).encode())
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -319,16 +279,13 @@ def export_final(backend, final_url: str, backbone_prefix: str, so=None, info: d
         dist.barrier()
 
 
-def final_info(run_url: str, so=None) -> dict | None:
-    """The DONE record of a finished phase, or None while final/ is incomplete."""
-    url = join(run_url, "final", DONE)
-    return _read_json(url, so) if _exists(url, so) else None
+def final_info(phase: PhaseDir) -> dict | None:
+    """The DONE record of a finished phase, or None while its final folder is incomplete."""
+    return phase.final_done.read_json()
 
 
-def load_consolidated(url: str, so=None) -> dict:
-    """A final/model.pth or backbone.pth as a state dict (memory-mapped when local)."""
-    fs, path = fs_for(url, so)
-    if protocol_of(url) == "file":
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    with fs.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+def load_consolidated(store: Store) -> dict:
+    """A final model.pth or backbone.pth as a state dict (memory-mapped when local)."""
+    if store.is_local:
+        return torch.load(store.local_path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(io.BytesIO(store.read_bytes()), map_location="cpu", weights_only=True)

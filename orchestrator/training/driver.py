@@ -1,86 +1,88 @@
-"""Training phases on Ray Train V2: the driver (`run_phase`), model setup and data (worker loop: worker.py).
+"""The driver of a training phase: `run_phase` runs one phase (or one distillation student) as a Ray
+Train V2 run; the worker loop is orchestrator/training/worker.py.
 
 Run one phase of a job (normally `dinoray run JOB` calls this through the controller):
 
-    .venv/bin/python -c "from orchestrator import config, train; \\
-        print(train.run_phase(config.load_job('jobs/smoke_cpu.yaml'), 'pretrain'))"
+    .venv/bin/python -c "from orchestrator.pipeline import config; from orchestrator.training import driver; \\
+        print(driver.run_phase(config.load_job('jobs/smoke_cpu.yaml'), 'pretrain'))"
 
-Each phase (and each distillation student) is its own Ray Train run named f"{job}-{runkey}"; its
-files live in f"{storage}/{job}/{runkey}/": checkpoints/, metrics.jsonl, final/. Re-running resumes
-from the last committed checkpoint; a phase whose final/DONE exists returns at once.
+The phase is resolved here, once (`config.resolve`), and reaches every worker with its config hash
+and its folder (`layout.PhaseDir`) through train_loop_config. Each phase (and each distillation
+student) is its own Ray Train run, named by `RunLayout.ray_run_name`. Re-running resumes from the last
+committed checkpoint; a phase whose final folder is complete (DONE) returns at once.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 
-import torch
-import torch.nn.functional as F
-
-from orchestrator.training import checkpoint
+from orchestrator.layout import RunLayout, phase_key
 from orchestrator.pipeline import config
-from orchestrator.storage import fs_for, join, protocol_of
-
-def run_key(phase: config.PhaseSpec, student_arch: str | None = None) -> str:
-    return f"{phase.name}-{student_arch}" if student_arch else phase.name
-
-
-def run_url(job: config.JobSpec, phase_name: str, student_arch: str | None = None) -> str:
-    return join(job.storage, job.name, run_key(job.phase(phase_name), student_arch))
+from orchestrator.storage import Store
+from orchestrator.training import checkpoint
+from orchestrator.training.worker import worker_loop
 
 
-# =============================================================================== driver
 def run_phase(job: config.JobSpec, phase_name: str, *, student_arch: str | None = None) -> dict:
     """Train one phase (or one distillation student) to completion; resumable; returns
-    dict(step, steps, checkpoint, backbone, metrics, seconds)."""
+    dict(step, steps, checkpoint, backbone, model, metrics, seconds)."""
     phase = job.phase(phase_name)
     if phase.kind not in config.TRAINING_KINDS:
         raise config.ConfigError(f"{job.source}: phase '{phase_name}' is a {phase.kind} phase, not training")
     if phase.kind == "distill" and student_arch not in phase.students:
         raise config.ConfigError(f"{job.source}: phase '{phase_name}': student_arch={student_arch!r} is not "
                                  f"one of its students {phase.students}")
-    url, so = run_url(job, phase_name, student_arch), job.storage_options
-    done = checkpoint.final_info(url, so)
+    loop_config = worker_config(job, phase, student_arch)
+    phase_dir, layout = loop_config["phase_dir"], RunLayout.of(job)
+    done = checkpoint.final_info(phase_dir)
     if done:
         return done
-    fs, failed = fs_for(join(url, "FAILED"), so)
-    if fs.exists(failed):
-        fs.rm(failed)  # a new attempt: forget the last one's deterministic failure
+    phase_dir.failed.rm()  # a new attempt: forget the last one's deterministic failure
+    trainer = _trainer(job, loop_config, layout.ray_run_name(phase_dir.key), layout.ray)
+    try:
+        trainer.fit()
+    except Exception as exc:
+        failed = phase_dir.failed
+        msg = failed.read_bytes().decode() if failed.exists() else f"{type(exc).__name__}: {exc}"
+        raise RuntimeError(f"phase '{phase_name}' ({phase_dir.root.url}) failed: {msg}") from exc
+    done = checkpoint.final_info(phase_dir)
+    if not done:
+        raise RuntimeError(f"phase '{phase_name}': training ended but {phase_dir.final_done.url} is missing")
+    return done
+
+
+def worker_config(job: config.JobSpec, phase: config.PhaseSpec, student_arch: str | None) -> dict:
+    """What every worker of the phase gets (train_loop_config, pickled): the phase resolved once, its
+    config hash, its folder, the student arch, and for distillation the resolved teacher phase."""
+    return {"resolved": config.resolve(job, phase), "config_hash": config.phase_hash(job, phase),
+            "phase_dir": RunLayout.of(job).phase(phase_key(phase, student_arch)), "student_arch": student_arch,
+            "teacher": config.resolve(job, phase.from_phase) if phase.kind == "distill" else None}
+
+
+def _trainer(job: config.JobSpec, loop_config: dict, name: str, ray_store: Store):
+    """A TorchTrainer of `num_workers` workers running worker_loop(loop_config), on local Ray unless
+    one is running (or RAY_ADDRESS names a cluster)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    res = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
-    from orchestrator.training.worker import worker_loop
-    trainer = TorchTrainer(
+    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    return TorchTrainer(
         worker_loop,
-        train_loop_config={"job": job, "phase": phase_name, "student_arch": student_arch},
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=res),
-        run_config=RunConfig(name=f"{job.name}-{run_key(phase, student_arch)}",
-                             failure_config=FailureConfig(max_failures=job.failure.max_failures),
-                             **_ray_storage(job)),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, failure_config=FailureConfig(max_failures=job.failure.max_failures),
+                             **_ray_storage(ray_store)),
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
     )
-    try:
-        trainer.fit()
-    except Exception as exc:
-        msg = fs.cat_file(failed).decode() if fs.exists(failed) else f"{type(exc).__name__}: {exc}"
-        raise RuntimeError(f"phase '{phase_name}' ({url}) failed: {msg}") from exc
-    done = checkpoint.final_info(url, so)
-    if not done:
-        raise RuntimeError(f"phase '{phase_name}': training ended but {url}/final/DONE is missing")
-    return done
 
 
-def _ray_storage(job: config.JobSpec) -> dict:
-    """Ray Train's own run state next to ours: {storage}/{job}/ray (any fsspec URL, via pyarrow)."""
-    url = join(job.storage, job.name, "ray")
-    if protocol_of(url) == "file":
-        path = fs_for(url)[1]
-        os.makedirs(path, exist_ok=True)
-        return {"storage_path": os.path.abspath(path)}
+def _ray_storage(store: Store) -> dict:
+    """Ray Train's own run state in the run's folder (any fsspec URL, through pyarrow)."""
+    if store.is_local:
+        os.makedirs(store.local_path, exist_ok=True)
+        return {"storage_path": store.local_path}
     import pyarrow.fs as pafs
-    fs, path = fs_for(url, job.storage_options)
+    fs, path = store.fs()
     return {"storage_path": path, "storage_filesystem": pafs.PyFileSystem(pafs.FSSpecHandler(fs))}

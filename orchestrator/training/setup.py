@@ -1,7 +1,9 @@
 """Worker-side setup of a training phase: the meta-architecture (initialised from an earlier phase
 where the phase kind says so), the data loader, and the analytical FLOPs per image.
 
-No entrypoint; called by orchestrator/training/worker.py (`dinoray run JOB` runs it on Ray).
+Everything here takes the phase as resolved once by the driver (`config.ResolvedPhase`); nothing
+resolves a phase again. No entrypoint; called by orchestrator/training/worker.py (`dinoray run JOB`
+runs it on Ray).
 """
 from __future__ import annotations
 
@@ -31,54 +33,62 @@ def _fit_pos_embeds(state: dict, target: dict) -> dict:
             for k, v in state.items()}
 
 
-def _model_cfg(r: config.ResolvedPhase, arch: str | None, defaults: dict) -> dict:
-    cfg = {k: v for k, v in config.model_cfg(r, arch).items() if k in defaults}
-    cfg["n_global_crops"] = r.crops.n_global
+def _model_cfg(resolved: config.ResolvedPhase, arch: str | None, defaults: dict) -> dict:
+    cfg = {k: v for k, v in config.model_cfg(resolved, arch).items() if k in defaults}
+    cfg["n_global_crops"] = resolved.crops.n_global
     return cfg
 
 
-def build_meta(job: config.JobSpec, r: config.ResolvedPhase, student_arch: str | None) -> torch.nn.Module:
-    """The phase's meta-architecture on CPU, identical on every rank (seeded), initialised from the
-    previous phase where the phase kind says so."""
+def build_meta(job: config.JobSpec, resolved: config.ResolvedPhase, student_arch: str | None, *,
+               teacher: config.ResolvedPhase | None = None) -> torch.nn.Module:
+    """The phase's meta-architecture on CPU, identical on every rank (built under `job.seed`; the
+    caller's random state is left as it was), initialised from the previous phase where the phase
+    kind says so. `teacher`: the resolved `from_phase` of a distill phase (its frozen teacher)."""
     from model import DistillMetaArch, SSLMetaArch
     from model.distill import DISTILL_DEFAULT_CFG
     from model.ssl import DEFAULT_CFG
-    phase, so = r.phase, job.storage_options
-    torch.manual_seed(job.seed)
-    if phase.kind == "distill":
-        src = config.resolve(job, phase.from_phase)
-        cfg = _model_cfg(r, student_arch, DISTILL_DEFAULT_CFG)
-        cfg.update(teacher_arch=src.model.arch, teacher_ffn_layer=src.model.ffn_layer,
-                   teacher_num_register_tokens=src.model.num_register_tokens)
-        full = checkpoint.load_consolidated(join(job.storage, job.name, phase.from_phase, "final", "model.pth"), so)
-        teacher = {k[len("teacher."):]: v for k, v in full.items() if k.startswith("teacher.")}
-        probe = DistillMetaArch(cfg, None, device="meta").teacher.state_dict()
-        meta = DistillMetaArch(cfg, _fit_pos_embeds(teacher, probe))
-    else:
-        meta = SSLMetaArch(_model_cfg(r, None, DEFAULT_CFG))
-        if phase.kind == "highres":
-            full = checkpoint.load_consolidated(join(job.storage, job.name, phase.from_phase, "final", "model.pth"), so)
-            meta.load_state_dict(_fit_pos_embeds(full, meta.state_dict()), strict=True)
+    phase = resolved.phase
+    source = RunLayout.of(job).phase(phase.from_phase) if phase.from_phase else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed)
+        if phase.kind == "distill":
+            if teacher is None:
+                raise ValueError(f"{job.source}: phase '{phase.name}': build_meta needs the resolved teacher "
+                                 f"phase '{phase.from_phase}' (teacher=config.resolve(job, '{phase.from_phase}'))")
+            cfg = _model_cfg(resolved, student_arch, DISTILL_DEFAULT_CFG)
+            cfg.update(teacher_arch=teacher.model.arch, teacher_ffn_layer=teacher.model.ffn_layer,
+                       teacher_num_register_tokens=teacher.model.num_register_tokens)
+            full = checkpoint.load_consolidated(source.final_model)
+            weights = {k[len("teacher."):]: v for k, v in full.items() if k.startswith("teacher.")}
+            probe = DistillMetaArch(cfg, None, device="meta").teacher.state_dict()
+            meta = DistillMetaArch(cfg, _fit_pos_embeds(weights, probe))
+        else:
+            meta = SSLMetaArch(_model_cfg(resolved, None, DEFAULT_CFG))
+            if phase.kind == "highres":
+                full = checkpoint.load_consolidated(source.final_model)
+                meta.load_state_dict(_fit_pos_embeds(full, meta.state_dict()), strict=True)
     return meta.train()
 
 
-def make_loader(job, r: config.ResolvedPhase, rank: int, world: int, state):
-    crops = dataclasses.asdict(r.crops)  # every CropsCfg field is a MultiCrop argument
-    kw = dict(batch_size=r.optim.batch_size // world, rank=rank, world_size=world, seed=job.seed,
-              crops=crops, patch_size=r.model.patch_size, state=state)
+def make_loader(job, resolved: config.ResolvedPhase, rank: int, world: int, state):
+    """The phase's multi-crop loader for this rank, at the data position `state` (None: the start)."""
+    crops = dataclasses.asdict(resolved.crops)  # every CropsCfg field is a MultiCrop argument
+    model = resolved.model
+    kw = dict(batch_size=resolved.optim.batch_size // world, rank=rank, world_size=world, seed=job.seed,
+              crops=crops, patch_size=model.patch_size, state=state)
     if job.data.train.startswith("synthetic://"):
-        return SyntheticLoader(int(job.data.train.split("://")[1] or 64), mask=r.model, **kw)
+        return SyntheticLoader(int(job.data.train.split("://")[1] or 64), mask=model, **kw)
     from orchestrator.data.loader import MultiCropLoader
-    mask = dict(mask_ratio_min_max=tuple(r.model.mask_ratio_min_max), mask_probability=r.model.mask_probability)
+    mask = dict(mask_ratio_min_max=tuple(model.mask_ratio_min_max), mask_probability=model.mask_probability)
     return MultiCropLoader(job.data.train, mask=mask, num_workers=job.data.num_workers,
                            storage_options=job.storage_options, error_budget=job.data.error_budget,
                            with_keys=job.debug.trace_samples, **kw)
 
 
-def train_flops_per_image(r: config.ResolvedPhase, arch: str) -> float:
+def train_flops_per_image(resolved: config.ResolvedPhase, arch: str) -> float:
     """Backbone FLOPs per image per step: student fwd+bwd on all crops, teacher fwd on the globals."""
     from model import flops_per_image
-    m, c = r.model, r.crops
+    m, c = resolved.model, resolved.crops
     kw = dict(patch_size=m.patch_size, num_register_tokens=m.num_register_tokens)
     g, loc = flops_per_image(arch, c.global_size, **kw), flops_per_image(arch, c.local_size, **kw)
     return 3 * (c.n_global * g + c.n_local * loc) + c.n_global * g
