@@ -3,6 +3,7 @@
     {storage}/{name}/                       RunLayout(storage, name).root
         pipeline.json  LOCK                 phase states; the driver's lock
         report/  exports/  logs/            run report; exported weights; Ray and worker logs
+            logs/{phase}/rank<r>.log  logs/ray/   a worker's output; a local run's Ray session logs
         ray/                                Ray Train's own run state
         {phase}/  or  {phase}-{arch}/       PhaseDir: one per phase (one per distill student)
             checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last
@@ -22,6 +23,7 @@ import re
 from orchestrator.storage import Store
 
 CHECKPOINT_TAG = "step-{:07d}"
+LOGS = "logs"               # {run}/logs/: Ray's and the workers' output
 _CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
 
 
@@ -56,6 +58,10 @@ class PhaseDir:
     def trace_rel(rank: int) -> str:
         return f"trace/rank{rank}.jsonl"
 
+    def worker_log(self, rank: int) -> Store:
+        """This phase's rank-`rank` worker output (stdout, stderr, warnings): {run}/logs/{key}/rank<r>.log."""
+        return self.root.parent / LOGS / self.key / f"rank{rank}.log"
+
     def debug_marker(self, name: str) -> Store:
         return self.root / "debug" / name
 
@@ -80,6 +86,11 @@ class PhaseDir:
     def teacher_fp32_name(rank: int) -> str:
         return f"teacher_fp32-rank{rank}.pt"
 
+    def committed_steps(self) -> list[int]:
+        """Steps of the committed checkpoints (COMMITTED written), ascending; no torch needed."""
+        steps = [(self.parse_step(name), name) for name in self.checkpoints.ls()]
+        return sorted(s for s, name in steps if s is not None and self.committed(self.checkpoints / name).exists())
+
     @staticmethod
     def parse_step(name: str) -> int | None:
         m = _CHECKPOINT_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
@@ -101,7 +112,8 @@ class RunLayout:
     lock = property(lambda self: self.root / "LOCK")
     report = property(lambda self: self.root / "report")
     exports = property(lambda self: self.root / "exports")
-    logs = property(lambda self: self.root / "logs")
+    logs = property(lambda self: self.root / LOGS)
+    ray_logs = property(lambda self: self.root / LOGS / "ray")    # a local run's Ray session logs
     ray = property(lambda self: self.root / "ray")
 
     def phase(self, key: str) -> PhaseDir:
