@@ -9,6 +9,8 @@
             checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last
             final/model.pth  backbone.pth  DONE
             metrics.jsonl  trace/rank<r>.jsonl  FAILED  debug/
+            embeddings/{role}/{set}/shard-NNNNNN.npy + .keys.json     curate: per-shard fp16 embeddings
+            stages/{stage}.json|.npy  shards/                           curate: finished stages; output shards
 
 Words: a *run* is the job's root folder; a *phase folder* is one phase's (or one student's)
 folder under it; a *Ray Train run* is one `TorchTrainer.fit()`, named `ray_run_name(key)`.
@@ -90,6 +92,23 @@ class PhaseDir:
         """Steps of the committed checkpoints (COMMITTED written), ascending; no torch needed."""
         steps = [(self.parse_step(name), name) for name in self.checkpoints.ls()]
         return sorted(s for s, name in steps if s is not None and self.committed(self.checkpoints / name).exists())
+
+    # ---------------------------------------------------------------- curation (orchestrator/curate)
+    curate_shards = property(lambda self: self.root / "shards")     # the curated WebDataset shards
+    curate_stages = property(lambda self: self.root / "stages")     # one finished-stage file per stage
+
+    def curate_embeddings(self, role: str, set_name: str) -> Store:
+        """Per-shard embeddings of one input set (pool / exclude / seed) under one embedder role."""
+        return self.root / "embeddings" / role / set_name
+
+    @staticmethod
+    def embedding_files(folder: Store, shard: str) -> tuple[Store, Store]:
+        """(fp16 .npy, keys .json) of one embedded shard; the keys file is written last (the commit)."""
+        stem = shard.rsplit(".", 1)[0]
+        return folder / f"{stem}.npy", folder / f"{stem}.keys.json"
+
+    def curate_stage(self, stage: str, ext: str = "json") -> Store:
+        return self.curate_stages / f"{stage}.{ext}"
 
     @staticmethod
     def parse_step(name: str) -> int | None:
