@@ -74,7 +74,16 @@ METRIC_NAMES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                             ("run", "phase", "kind", "state")),
     "dinoray_pipeline_progress": ("gauge", "Fraction of the pipeline done, 0..1", ("run",)),
     "dinoray_knn_accuracy": ("gauge", "k-NN top-1 accuracy of a phase's backbone", ("run", "phase", "k")),
+    # curation (orchestrator/curate/phase.py)
+    "dinoray_curate_stage": ("gauge", "1 for the stage a curate phase is in, else 0", ("run", "phase", "stage")),
+    "dinoray_curate_images_per_second": ("gauge", "Images embedded per second", ("run", "phase", "set")),
+    "dinoray_curate_images": ("gauge", "Images left after each curation stage", ("run", "phase", "stage")),
+    "dinoray_curate_duplicates": ("gauge", "Images removed as copies (self) or near an exclude set (exclude)",
+                                  ("run", "phase", "kind")),
+    "dinoray_curate_cluster_size": ("histogram", "Images per k-means cluster of the pool", ("run", "phase")),
 }
+CLUSTER_BUCKETS = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000)
+_BUCKETS = {"dinoray_step_seconds": STEP_BUCKETS, "dinoray_curate_cluster_size": CLUSTER_BUCKETS}
 
 # StepMetrics.record keys -> (metric, extra labels)
 RECORD_KEYS: dict[str, tuple[str, dict[str, str]]] = {
@@ -186,7 +195,7 @@ class _Series:
             if self.backend == "ray":
                 from ray.util import metrics as rm
                 if kind == "histogram":
-                    bounds = list(STEP_BUCKETS if name == "dinoray_step_seconds" else WAIT_BUCKETS)
+                    bounds = list(_BUCKETS.get(name, WAIT_BUCKETS))
                     obj = rm.Histogram(name, doc, boundaries=bounds, tag_keys=labels)
                 else:
                     obj = rm.Gauge(name, doc, tag_keys=labels)
@@ -194,7 +203,7 @@ class _Series:
                 import prometheus_client as pc
                 full = EXPORT_PREFIX + name
                 if kind == "histogram":
-                    bounds = STEP_BUCKETS if name == "dinoray_step_seconds" else WAIT_BUCKETS
+                    bounds = _BUCKETS.get(name, WAIT_BUCKETS)
                     obj = pc.Histogram(full, doc, labels, buckets=bounds, registry=self.registry)
                 else:
                     obj = pc.Gauge(full, doc, labels, registry=self.registry)
