@@ -149,6 +149,38 @@ def test_changed_world_size_on_resume_starts_next_epoch(shard_dir):
     assert L2.state_dict()["epoch"] == 1 and L2.state_dict()["batch"] == 0
 
 
+@pytest.mark.parametrize("layouts", [[(2, 2, 5), (1, 0, None)], [(1, 0, 5), (2, 2, None)],
+                                     [(2, 1, 4), (1, 0, 3), (2, 0, None)]])
+def test_resume_at_another_world_size_reshards_the_epoch(shard_dir, layouts):
+    """Global batch fixed at 16 (per-rank batch 16 / world): each (world, workers, steps) runs `steps` steps
+    on every rank from the previous rank 0's state; over the epoch no image is used twice or skipped."""
+    G = 16
+
+    def ranks(world, workers, state):
+        return [_loader(shard_dir, rank=r, world_size=world, batch_size=G // world, num_workers=workers,
+                        with_keys=True, state=state, crops=dict(CROPS, n_local=0)) for r in range(world)]
+
+    world0, workers0, _ = layouts[0]
+    planned = {k for L in ranks(world0, workers0, None) for b in L for k in b["keys"]}  # uninterrupted epoch
+    used, state, steps_done = [], None, 0
+    for world, workers, steps in layouts:
+        loaders = ranks(world, workers, state)
+        assert all(len(L) == 230 // G for L in loaders)  # steps per epoch do not depend on the world size
+        its = [iter(L) for L in loaders]
+        steps = len(loaders[0]) - steps_done if steps is None else steps
+        for _ in range(steps):
+            step = [k for it in its for k in next(it)["keys"]]
+            assert len(step) == G
+            used += step
+        steps_done += steps
+        state = json.loads(json.dumps(loaders[0].state_dict()))  # a checkpoint round trip
+        del its
+    assert steps_done == 230 // G
+    assert len(used) == len(set(used)) == steps_done * G and set(used) == planned
+    nxt = ranks(layouts[-1][0], layouts[-1][1], state)[0]  # then the next epoch at the new size
+    assert nxt.state_dict()["epoch"] == 1 and nxt.state_dict()["layouts"] == [[0, layouts[-1][0], max(1, layouts[-1][1])]]
+
+
 def _corrupt_shard(shard_dir, dst, n_bad):
     """Copy of the shards where the first n_bad samples of shard 0 hold truncated JPEGs."""
     import shutil

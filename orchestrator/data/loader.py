@@ -5,22 +5,25 @@
     for batch in loader: ...          # one epoch from the saved position; `len(loader)` batches
     state = loader.state_dict()       # small JSON-able dict; MultiCropLoader(..., state=state) resumes
 
-Epoch plan (deterministic from (seed, epoch), identical on every rank):
+Epoch plan (deterministic from (seed, epoch), identical on every rank; details in data/plan.py):
   1. the shards of index.json are permuted with np.random.default_rng([seed, epoch]);
-  2. their samples, concatenated in that order, form one sequence of T samples; rank r reads the
-     contiguous range [r*N, r*N + len*B) with N = T // world_size, len = N // B. Every rank yields
-     exactly `len` batches, no sample is read twice in an epoch, and a shard is read by at most the
-     ranks/workers whose ranges touch it (the T - world*len*B leftover samples differ per epoch);
+  2. their samples, concatenated in that order, form one sequence of T samples. The global batch
+     G = world_size * batch_size is what stays fixed: an epoch has len = T // G steps at any world
+     size. Rank r reads the contiguous range [r*N, r*N + len*B) with N = T // world_size, so every
+     rank yields exactly `len` batches, no sample is read twice in an epoch, and a shard is read by at
+     most the ranks/workers whose ranges touch it (the T - len*G leftover samples differ per epoch);
   3. a rank's range is cut into DataLoader-worker chunks: batch j is made by worker j % num_workers
      from its own contiguous chunk (so workers read disjoint shard ranges), shuffled with a buffer
      seeded by (seed, epoch, rank, worker); DataLoader returns batches in j order;
   4. crop/colour randomness of batch j comes from (seed, epoch, rank, j), masks from a torch.Generator
      seeded the same way.
-Resume: state = {epoch, batch (next j), seed, consumed counts...}. Workers replay their shard stream
-(bytes only, no decoding) up to the next batch, so the resumed run yields exactly the batches an
-uninterrupted run would. If world_size, batch_size, num_workers or the index changed, the position
-cannot be mapped: the loader warns and starts the next epoch (the interrupted epoch is cut short; no
-sample repeats within an epoch).
+Resume: state = {epoch, batch (next j), seed, layouts, consumed counts...}. Workers replay their shard
+stream (bytes only, no decoding) up to the next batch, so the resumed run yields exactly the batches an
+uninterrupted run would. At another world size or worker count (same global batch, any rank's state),
+the rest of the epoch is resharded: a new layout starts at batch j over the samples no earlier batch
+used (found by replaying the seeded shuffle buffers on sample positions, without I/O), so within the
+epoch no sample is used twice or skipped. If the global batch or the index changed, the position
+cannot be mapped: the loader warns and starts the next epoch.
 Errors: opening/reading a shard is retried with exponential backoff (transient storage errors); a
 missing shard or denied access fails with a clear message; a corrupt sample is skipped, counted
 (`loader.skipped`) and replaced by another sample of the same batch so batch shapes stay fixed; the run
@@ -41,13 +44,14 @@ import numpy as np
 import torch
 
 from orchestrator import storage
+from orchestrator.data import plan
 from orchestrator.data.augment import MultiCrop
 from orchestrator.data.index import read_index
 from orchestrator.data.samples import read_shard, sample_image
 from orchestrator.storage import Store
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: global batch and layouts (reshards on resume); 1 is still read
 
 
 class DataBudgetError(RuntimeError):
@@ -86,14 +90,15 @@ def resolve_shards(urls, storage_options=None) -> tuple[list[dict], int]:
 class _EpochStream(torch.utils.data.IterableDataset):
     """One rank's epoch from batch `start_batch` on; each DataLoader worker makes its own batches."""
 
-    def __init__(self, loader: "MultiCropLoader", epoch: int, start_batch: int):
-        self.L, self.epoch, self.start_batch = loader, epoch, start_batch
+    def __init__(self, loader: "MultiCropLoader", epoch: int, start_batch: int, layout: tuple):
+        self.L, self.epoch, self.start_batch, self.layout = loader, epoch, start_batch, layout
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         # DataLoader asks worker 0 first: make it the worker that owns batch `start_batch`.
-        w, nw = (0, 1) if info is None else ((info.id + self.start_batch) % info.num_workers, info.num_workers)
-        yield from self.L._worker_batches(self.epoch, self.start_batch, w, nw)
+        first = self.start_batch - self.layout[0]  # local step within the layout
+        w = 0 if info is None else (info.id + first) % info.num_workers
+        yield from self.L._worker_batches(self.epoch, self.start_batch, w, self.layout)
 
 
 class MultiCropLoader:
@@ -122,12 +127,13 @@ class MultiCropLoader:
         self.prefetch_factor, self.pin_memory, self.with_keys = prefetch_factor, pin_memory, with_keys
         self.shards, self.n_classes = resolve_shards(urls, storage_options)
         self.total = sum(s["count"] for s in self.shards)
-        self.per_rank = self.total // self.world
-        self.n_batches = self.per_rank // self.B
+        self.G, self.workers = self.B * self.world, max(1, self.num_workers)  # global batch; plan workers
+        self.n_batches = self.total // self.G
         if self.n_batches == 0:
             raise ValueError(f"{self.total} samples over {self.world} ranks give no full batch of {self.B}; "
                              f"lower batch_size or add data")
         self.epoch, self.batch, self.skipped, self.seen = 0, 0, 0, 0
+        self.layouts = [[0, self.world, self.workers]]  # this epoch's [start step, world, workers]
         if state is not None:
             self.load_state_dict(state)
 
@@ -136,68 +142,80 @@ class MultiCropLoader:
         return self.n_batches
 
     def _fingerprint(self) -> dict:
-        return {"world_size": self.world, "batch_size": self.B, "num_workers": max(1, self.num_workers),
-                "total": self.total, "n_shards": len(self.shards), "shuffle_buffer": self.buffer}
+        """What a saved position is only valid for (the world size and worker count may change)."""
+        return {"global_batch": self.G, "total": self.total, "n_shards": len(self.shards),
+                "shuffle_buffer": self.buffer}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "seed": self.seed,
-                "rank": self.rank, "skipped": self.skipped, "seen": self.seen, **self._fingerprint()}
+                "rank": self.rank, "skipped": self.skipped, "seen": self.seen, "world_size": self.world,
+                "batch_size": self.B, "num_workers": self.workers, "layouts": [list(x) for x in self.layouts],
+                **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        """Continue from `state`; at another world size or worker count, the rest of the epoch is
+        resharded over the new layout (same global order of steps, no sample twice or skipped)."""
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"loader state version {state.get('version')} is not 1 or {STATE_VERSION}")
+        if state["version"] == 1:  # one layout; the global batch is world x per-rank batch
+            state = {**state, "global_batch": state["world_size"] * state["batch_size"],
+                     "layouts": [[0, state["world_size"], state["num_workers"]]]}
         self.seed = int(state["seed"])
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.skipped, self.seen = int(state.get("skipped", 0)), int(state.get("seen", 0))
         old = {k: state.get(k) for k in self._fingerprint()}
+        current = [self.world, self.workers]
         if old != self._fingerprint():
             changed = {k: (old[k], v) for k, v in self._fingerprint().items() if old[k] != v}
-            warnings.warn(f"loader state from another layout {changed}: the exact position cannot be mapped, "
-                          f"starting epoch {self.epoch + 1} (rest of epoch {self.epoch} skipped)", stacklevel=2)
+            warnings.warn(f"loader state from another global batch or data set {changed}: the position cannot "
+                          f"be mapped, starting epoch {self.epoch + 1} (rest of epoch {self.epoch} skipped)",
+                          stacklevel=2)
             if self.batch > 0:
                 self.epoch, self.batch = self.epoch + 1, 0
+            self.layouts = [[0, *current]]
+        else:
+            self.layouts = [[int(v) for v in x] for x in state["layouts"]]
+            if self.layouts[-1][1:] != current:  # reshard the rest of the epoch from this step on
+                if self.layouts[-1][0] == self.batch:  # no step was taken in the last layout
+                    self.layouts.pop()
+                self.layouts.append([self.batch, *current])
         if self.batch >= self.n_batches:
-            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch, self.batch, self.layouts = self.epoch + 1, 0, [[0, *current]]
 
     # -------------------------------------------------------------------------------- plan
-    def _plan(self, epoch: int, w: int, nw: int):
-        """Segments [(shard Store, start, end)] of worker w's chunk and its batch ids for this rank's epoch."""
+    def _layout(self) -> tuple:
+        """(start step, layout number, sorted positions) of the layout the current epoch reads with."""
+        positions = plan.unused_positions(self.layouts, total=self.total, global_batch=self.G, seed=self.seed,
+                                          epoch=self.epoch, buffer=self.buffer)[-1]
+        return self.layouts[-1][0], len(self.layouts) - 1, positions
+
+    def _read(self, ranges):
+        """Samples at the given positions of each shard, one pass per shard (None marks a lost sample)."""
+        for shard, spans in ranges:
+            lo, hi = spans[0][0], spans[-1][1]
+            samples = read_shard(shard["store"], lo, hi, self.retries, self.backoff)
+            if len(spans) == 1:
+                yield from samples
+                continue
+            spans = iter(spans)
+            a, b = next(spans)
+            for pos, sample in enumerate(samples, lo):
+                while pos >= b:
+                    a, b = next(spans)
+                if pos >= a:
+                    yield sample
+
+    def _worker_batches(self, epoch: int, start_batch: int, w: int, layout: tuple):
+        """Worker w's batches of this rank from `start_batch` on: its chunk of the layout, read in
+        position order through its seeded shuffle buffer; earlier batches are replayed undecoded."""
+        start, number, positions = layout
+        steps_left = self.n_batches - start
+        mine = plan.worker_positions(positions, steps_left, self.B, self.rank, w, self.workers)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        counts = [self.shards[i]["count"] for i in order]
-        per_worker = [len(range(k, self.n_batches, nw)) for k in range(nw)]
-        begin = self.rank * self.per_rank + self.B * sum(per_worker[:w])
-        stop = begin + self.B * per_worker[w]
-        segs, pos = [], 0
-        for i, c in zip(order, counts):
-            lo, hi = max(begin, pos), min(stop, pos + c)
-            if lo < hi:
-                segs.append((self.shards[i]["store"], lo - pos, hi - pos))
-            pos += c
-        return segs, list(range(w, self.n_batches, nw))
-
-    def _raw_stream(self, epoch: int, w: int, nw: int):
-        """Worker w's samples after the seeded shuffle buffer (raw bytes; None marks a lost sample)."""
-        segs, _ = self._plan(epoch, w, nw)
-        rng = np.random.default_rng([self.seed, epoch, self.rank, w, 1])
-        buf = []
-        for shard, lo, hi in segs:
-            for s in read_shard(shard, lo, hi, self.retries, self.backoff):
-                if len(buf) < self.buffer:
-                    buf.append(s)
-                    continue
-                k = int(rng.integers(0, len(buf)))
-                buf[k], s = s, buf[k]
-                yield s
-        while buf:
-            k = int(rng.integers(0, len(buf)))
-            buf[k], buf[-1] = buf[-1], buf[k]
-            yield buf.pop()
-
-    def _worker_batches(self, epoch: int, start_batch: int, w: int, nw: int):
-        _, batch_ids = self._plan(epoch, w, nw)
-        stream = self._raw_stream(epoch, w, nw)
+        rng = plan.buffer_rng(self.seed, epoch, self.rank, w, number)
+        stream = plan.shuffled(self._read(plan.shard_ranges(mine, self.shards, order)), rng, self.buffer)
         last_good = None
-        for j in batch_ids:
+        for j in (start + k for k in plan.worker_steps(w, steps_left, self.workers)):
             raw = list(itertools.islice(stream, self.B))
             if len(raw) < self.B:
                 raise RuntimeError(f"rank {self.rank} worker {w}: shard stream ended early at batch {j}; "
@@ -277,7 +295,7 @@ class MultiCropLoader:
 
     def __iter__(self):
         epoch, start = self.epoch, self.batch
-        ds = _EpochStream(self, epoch, start)
+        ds = _EpochStream(self, epoch, start, self._layout())
         if self.num_workers > 0:
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                   prefetch_factor=self.prefetch_factor,
@@ -297,7 +315,7 @@ class MultiCropLoader:
             raise RuntimeError(f"epoch {epoch} ended after {self.batch} of {self.n_batches} batches on rank "
                                f"{self.rank}; shards changed under index.json? run `dinoray shards verify`")
         self._check_budget(final=True)
-        self.epoch, self.batch = epoch + 1, 0
+        self.epoch, self.batch, self.layouts = epoch + 1, 0, [[0, self.world, self.workers]]
 
     def forever(self):
         """Endless iterator over epochs (for step-based training loops)."""
