@@ -141,6 +141,16 @@ def test_resume_yields_exactly_the_uninterrupted_batches(shard_dir, num_workers,
     assert _same(nxt, next(iter(L3)))
 
 
+def test_state_of_the_previous_version_resumes_exactly(shard_dir):
+    full = list(_loader(shard_dir))
+    L = _loader(shard_dir)
+    it = iter(L)
+    head = [next(it) for _ in range(4)]
+    state = {k: v for k, v in L.state_dict().items() if k not in ("layouts", "global_batch")}
+    rest = list(_loader(shard_dir, state=dict(state, version=1)))  # as written before layouts existed
+    assert len(head) + len(rest) == len(full) and all(_same(x, y) for x, y in zip(head + rest, full))
+
+
 def test_changed_world_size_on_resume_starts_next_epoch(shard_dir):
     L = _loader(shard_dir, world_size=2)
     next(iter(L))
