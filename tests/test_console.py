@@ -120,4 +120,7 @@ def test_ray_logs_link_under_the_run(tmp_path):
     where = console.link_ray_logs(layout, str(session))
     assert Path(where, "raylet.out").read_text() == "raylet" and where == layout.ray_logs.local_path
     assert console.link_ray_logs(layout, str(session)) == where   # a rerun replaces the link
-    assert console.ray_init_kwargs(False) == {"log_to_driver": False}
+    assert console.ray_init_kwargs(False, local=False) == {"log_to_driver": False, "logging_level": 30}
+    env = {}
+    console.local_ray_env(env)
+    assert env == {"RAY_AUTH_MODE": "token"}

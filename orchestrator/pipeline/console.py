@@ -7,7 +7,8 @@
   (orchestrator/pipeline/progress.py) and shows step/steps, images/s, ETA, loss and the last committed
   checkpoint: a tqdm bar updated in place on a terminal, a plain line every `steps / LINES_PER_PHASE`
   steps otherwise (logs, `ray job submit`). With `verbose`, it also prints the workers' new log lines.
-- `ray_init_kwargs(verbose)`: Ray's actors and workers do not print on the driver (`log_to_driver`);
+- `ray_init_kwargs(verbose, local)`, `local_ray_env(os.environ)`: Ray's actors and workers do not
+  print on the driver (`log_to_driver`), and a local Ray starts without warnings;
   `link_ray_logs(layout, session_dir)` makes a local run's Ray session logs `{run}/logs/ray`.
 - `worker_output(log)`: run inside a Ray Train worker, sends its stdout and stderr (prints, Python
   warnings, C++ logs, its traceback) to `{run}/logs/{phase}/rank<r>.log` (on object storage: a local
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -32,6 +34,7 @@ from orchestrator.storage import Store
 LINES_PER_PHASE = 10      # plain (non-terminal) output: one line per tenth of the phase, and the last step
 POLL_S = 1.0              # how often the console reads a local run's files
 REMOTE_POLL_S = 5.0       # and an object store's (metrics.jsonl is uploaded at each checkpoint there)
+AUTH_MODE_ENV = "RAY_AUTH_MODE"   # Ray's switch for token authentication ("token" or "disabled")
 
 
 def _is_tty(stream) -> bool:
@@ -120,10 +123,23 @@ class PhaseProgress:
 
 
 # ------------------------------------------------------------------------------ Ray's own output
-def ray_init_kwargs(verbose: bool) -> dict:
-    """Keyword arguments for `ray.init`: Ray's actors and workers print on the driver only with --verbose
-    (their output stays in Ray's session logs and, for training workers, in {run}/logs/)."""
-    return {"log_to_driver": bool(verbose)}
+def ray_init_kwargs(verbose: bool, local: bool) -> dict:
+    """Keyword arguments for the driver's `ray.init`. Ray's actors and workers print on the driver only
+    with --verbose (their output stays in Ray's session logs and, for training workers, in
+    {run}/logs/), and so do Ray's own INFO lines. A new local cluster gets the dashboard: Ray Train's
+    PlacementGroupCleaner polls the State API, which the dashboard serves; without it the cleaner
+    logs "Failed to query Ray Train Controller actor state" every few seconds of every phase."""
+    kwargs = {"log_to_driver": bool(verbose), "logging_level": logging.INFO if verbose else logging.WARNING}
+    if local:
+        kwargs["include_dashboard"] = True
+    return kwargs
+
+
+def local_ray_env(env: dict) -> None:
+    """Before a new local cluster starts: Ray's token authentication stays on (Ray 2.60's default for
+    local clusters), stated explicitly so that Ray does not warn that it chose it (an explicit
+    RAY_AUTH_MODE, e.g. `disabled`, is kept)."""
+    env.setdefault(AUTH_MODE_ENV, "token")
 
 
 def link_ray_logs(layout: RunLayout, session_dir: str | None) -> str | None:
