@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -130,9 +131,15 @@ def ray_init_kwargs(verbose: bool, local: bool) -> dict:
     PlacementGroupCleaner polls the State API, which the dashboard serves; without it the cleaner
     logs "Failed to query Ray Train Controller actor state" every few seconds of every phase."""
     kwargs = {"log_to_driver": bool(verbose), "logging_level": logging.INFO if verbose else logging.WARNING}
-    if local:
-        kwargs["include_dashboard"] = True
+    if local:  # on a free port: 8265 stays free for a `ray start --head` on the same machine
+        kwargs.update(include_dashboard=True, dashboard_port=_free_port())
     return kwargs
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def local_ray_env(env: dict) -> None:
