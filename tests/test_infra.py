@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -209,10 +210,12 @@ def test_kuberay_fields_that_matter():
             assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "8"
             assert w["rayStartParams"]["num-gpus"] == "8"
             assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
-            assert w["template"]["spec"]["terminationGracePeriodSeconds"] >= 300  # time for a checkpoint
+            assert w["template"]["spec"]["terminationGracePeriodSeconds"] >= 300  # the drain deadline + Ray's stop
     # the RayJob's GPUs equal the job spec's training world size
     (w,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert w["replicas"] * 8 == job_spec["num_workers"]
+    lo, hi = _elastic_range(job_spec["num_workers"])
+    if lo == hi:
+        assert w["replicas"] * 8 == job_spec["num_workers"]
 
 
 def test_podmonitors_select_the_kuberay_pods():
@@ -244,3 +247,195 @@ def test_dockerfile_pins_and_user():
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert "WORKDIR /app" in text  # the RayJob entrypoint does `cd /app`
+
+
+# --------------------------------------------------------------------------- spot nodes, scale-out
+def _elastic_range(num_workers) -> tuple[int, int]:
+    """A job spec's num_workers: an int (fixed) or [min, max] (elastic)."""
+    return (num_workers, num_workers) if isinstance(num_workers, int) else tuple(num_workers)
+
+
+def _workers(spec: dict):
+    for group in spec["workerGroupSpecs"]:
+        yield group, group["template"]["spec"], group["template"]["spec"]["containers"][0]
+
+
+def test_worker_groups_follow_the_elastic_range_with_autoscaler_v2():
+    job, _, specs = _cluster_specs()
+    lo, hi = _elastic_range(yaml.safe_load((REPO / "jobs/vitg14_pipeline.yaml").read_text())["num_workers"])
+    (w,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = int(w["rayStartParams"]["num-gpus"])
+    assert (w["minReplicas"] * gpus, w["maxReplicas"] * gpus) == (lo, hi)
+    assert w["replicas"] == w["maxReplicas"]  # start at full size (and Kueue admits at replicas)
+    assert job["spec"]["backoffLimit"] > 0  # a retry re-runs `dinoray run`, which resumes
+    for spec in specs:
+        assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    # the optional Kueue label is there, commented out, with its explanation
+    text = (INFRA / "kuberay/rayjob-vitg14.yaml").read_text()
+    assert re.search(r"^\s*# kueue\.x-k8s\.io/queue-name: \S+", text, re.M) and "gang scheduling" in text.lower()
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+
+
+def test_gpu_placement_object_store_and_nccl():
+    _, _, specs = _cluster_specs()
+    for spec in specs:
+        groups = [(spec["headGroupSpec"], spec["headGroupSpec"]["template"]["spec"])]
+        groups += [(g, pod) for g, pod, _ in _workers(spec)]
+        for group, pod in groups:
+            store = int(group["rayStartParams"]["object-store-memory"])
+            (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+            assert 0 < store < _bytes(shm["emptyDir"]["sizeLimit"])  # plasma lives in /dev/shm
+        for _, pod, container in _workers(spec):
+            assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["NCCL_SOCKET_IFNAME"]
+    readme = (INFRA / "README.md").read_text()
+    for word in ("NCCL_SOCKET_IFNAME", "FI_PROVIDER=efa", "aws-ofi-nccl", "vpc.amazonaws.com/efa"):
+        assert word in readme, word
+
+
+def _bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", quantity).groups()
+    return int(number) * 1024 ** ("Ki Mi Gi Ti".split().index(unit) + 1 if unit else 0)
+
+
+def _prestop_commands(container: dict) -> list[list[str]]:
+    """The preStop hook's shell commands, split into argv lists with the container's env filled in."""
+    shell, flag, script = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env |= {"FQ_RAY_IP": "dinoray-head-svc.dinoray.svc.cluster.local", "HOSTNAME": "worker-0"}  # set by k8s
+    script = re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], script)
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=";")
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token == ";":
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return [c for c in commands + [current] if c]
+
+
+def test_prestop_hook_drains_with_a_deadline_inside_the_grace_period():
+    """The hook's `ray drain-node` flags parse with the real CLI (the installed Ray, the image's pin)."""
+    from ray.scripts.scripts import drain_node  # the click command `ray drain-node` runs
+
+    ray_cli = REPO / ".venv" / "bin" / "ray"
+    ray_cli = str(ray_cli) if ray_cli.exists() else shutil.which("ray")
+    help_text = subprocess.run([ray_cli, "drain-node", "--help"], capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0, help_text.stderr
+    _, _, specs = _cluster_specs()
+    seen = 0
+    for spec in specs:
+        for _, pod, container in _workers(spec):
+            commands = _prestop_commands(container)
+            (drain,) = [c for c in commands if "drain-node" in c]
+            argv = [a for a in drain if not re.fullmatch(r"\w+=.*", a)]  # drop VAR=value prefixes
+            assert argv[:2] == ["ray", "drain-node"], argv
+            args = argv[2:]
+            for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+                assert flag in help_text.stdout, f"`ray drain-node --help` does not list {flag}"
+            ctx = drain_node.make_context("drain-node", list(args))  # click parses and type-checks
+            assert ctx.params["reason"] == "DRAIN_NODE_REASON_PREEMPTION"
+            deadline = ctx.params["deadline_remaining_seconds"]
+            assert ctx.params["address"].endswith(":6379") and ctx.params["reason_message"]
+            # the pod stays up until the deadline, and the grace period covers it plus Ray's stop
+            assert ["sleep", str(deadline)] in commands
+            grace = pod["terminationGracePeriodSeconds"]
+            assert deadline + 30 <= grace <= deadline + 120, (deadline, grace)
+            seen += 1
+    assert seen == 2
+    import click
+
+    with pytest.raises(click.UsageError):  # the same parse rejects a wrong reason and unknown flags
+        drain_node.make_context("drain-node", ["--reason", "DRAIN_NODE_REASON_SPOT", "--reason-message", "x"])
+    with pytest.raises(click.UsageError):
+        drain_node.make_context("drain-node", ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                                               "x", "--deadline-s", "60"])
+
+
+def _sigterm_claims(text: str) -> list[str]:
+    """Sentences that tie SIGTERM to a checkpoint without a negation."""
+    text = re.sub(r"\s*\n\s*#?\s*", " ", text)  # comment lines joined into sentences
+    return [s for s in re.split(r"(?<=[.:;])\s", text)
+            if "SIGTERM" in s and "checkpoint" in s.lower() and not re.search(r"\b(nothing|not|no)\b", s, re.I)]
+
+
+def test_no_claim_of_a_checkpoint_on_sigterm():
+    """Nothing handles SIGTERM: no sentence may promise a checkpoint on it (issue 11)."""
+    for path in [INFRA / "README.md", *sorted((INFRA / "kuberay").glob("*.yaml"))]:
+        assert not _sigterm_claims(path.read_text()), path.name
+    old = "# Preemption: SIGTERM, then this long to write a checkpoint\n# before SIGKILL.\n"  # what was there
+    assert _sigterm_claims(old) and not _sigterm_claims("Nothing handles SIGTERM. It resumes from a checkpoint.")
+
+
+def test_readme_links_rays_train_dashboards():
+    readme = (INFRA / "README.md").read_text()
+    assert "train_grafana_dashboard.json" in readme
+    assert "https://docs.ray.io/en/latest/cluster/kubernetes/k8s-ecosystem/prometheus-grafana.html" in readme
+
+
+# Shapes of the Prometheus Operator objects: the fields we use, from the monitoring.coreos.com/v1
+# CRDs (prometheus-operator v0.82, openAPIV3Schema), closed with additionalProperties: false so a
+# misspelt key fails here (the API server would prune it silently).
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                                          r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {"type": "object", "required": ["name", "namespace"],
+         "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _STR_MAP}}
+_RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
+         "properties": {"alert": {"type": "string"}, "record": {"type": "string"},
+                        "expr": {"type": ["string", "integer"]}, "for": _DURATION, "keep_firing_for": _DURATION,
+                        "labels": _STR_MAP, "annotations": _STR_MAP}}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"}, "metadata": _META,
+        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+            "groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                "properties": {"name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+                               "rules": {"type": "array", "items": _RULE}}}}}}}}
+_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
+    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+    "targetLabel": {"type": "string"}, "regex": {"type": "string"}, "replacement": {"type": "string"},
+    "separator": {"type": "string"}, "action": {"type": "string"}}}
+PODMONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"}, "metadata": _META,
+        "spec": {"type": "object", "required": ["selector"], "additionalProperties": False, "properties": {
+            "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+            "selector": {"type": "object", "additionalProperties": False,
+                         "properties": {"matchLabels": _STR_MAP, "matchExpressions": {"type": "array"}}},
+            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "path": {"type": "string"}, "interval": _DURATION,
+                    "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"},
+                    "relabelings": {"type": "array", "items": _RELABEL},
+                    "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
+
+
+def test_prometheus_operator_objects_validate_and_match_the_rules_file():
+    from jsonschema import Draft7Validator
+
+    def errors(schema, doc):
+        return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in Draft7Validator(schema).iter_errors(doc)]
+
+    for mon in _yaml("prometheus/podmonitors.yaml"):
+        assert not errors(PODMONITOR_SCHEMA, mon)
+    (rule,) = _yaml("prometheus/prometheusrule.yaml")
+    assert not errors(PROMETHEUS_RULE_SCHEMA, rule)
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]  # one set of rules, two wrappers
+    assert rule["metadata"]["labels"].items() >= {"release": "prometheus"}.items()
+    # the shapes catch a misspelt key and a bad duration
+    bad = json.loads(json.dumps(rule))
+    bad["spec"]["groups"][0]["rules"][0]["for"] = "15 minutes"
+    bad["spec"]["groups"][0]["rules"][1]["annotation"] = {}
+    assert len(errors(PROMETHEUS_RULE_SCHEMA, bad)) == 2
+    (mon, _) = _yaml("prometheus/podmonitors.yaml")
+    mon["spec"]["podMetricsEndpoints"][0]["targetPort"] = 8080
+    assert errors(PODMONITOR_SCHEMA, mon)
