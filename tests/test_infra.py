@@ -112,6 +112,24 @@ def test_promtool_check_and_unit_tests():
     assert run.stdout.count("SUCCESS") == len(tests) == 6
 
 
+@pytest.mark.prometheus
+def test_dashboard_queries_parse_with_promtool(tmp_path):
+    """Every dashboard query is valid PromQL (promtool parses each one as a recording rule)."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: run `make prometheus`"
+    dash = json.loads((INFRA / "grafana" / "dinoray-dashboard.json").read_text())
+    rules = [{"record": f"dashboard:panel{p['id']}:{t['refId']}",
+              "expr": t["expr"].replace("$run", "r").replace("$__rate_interval", "1m")}
+             for p in dash["panels"] for t in p["targets"]]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in check.stdout, check.stdout + check.stderr
+    rules[0]["expr"] = "max by (phase (ray_dinoray_step)"  # and it would catch a broken one
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True).returncode != 0
+
+
 def test_local_scrape_config_targets_the_documented_port():
     cfg = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
     (job,) = cfg["scrape_configs"]
