@@ -2,8 +2,9 @@
 
     python3 bench/interop.py
 
-For ViT-S/14 and ViT-S/14 with registers (random weights, 518 px as released): our backbone's state
-dict, exported with `orchestrator.eval.export.to_timm`, loads into timm's `vit_small_patch14_dinov2` /
+For ViT-S/14 and ViT-S/14 with registers (random weights, 518 px as released): our `dinov2` export,
+converted by timm's own loader (`checkpoint_filter_fn`, what `timm.create_model(NAME, pretrained=True,
+pretrained_cfg_overlay=dict(file=EXPORT))` runs), loads into timm's `vit_small_patch14_dinov2` /
 `vit_small_patch14_reg4_dinov2` with strict=True, and both give the same normalised CLS and patch
 tokens at 518 px (no position-embedding interpolation involved); at 224 px the register model matches
 too, while the model without registers differs by timm's interpolation (it omits the reference's
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as dmodel  # noqa: E402
-from orchestrator.eval.export import to_timm  # noqa: E402
+from orchestrator.eval.export import to_hub  # noqa: E402
 
 
 def check(hub_name: str, timm_name: str) -> bool:
@@ -29,7 +30,9 @@ def check(hub_name: str, timm_name: str) -> bool:
         for p in ours.parameters():
             p.normal_(0.0, 0.05)
     theirs = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True).eval()
-    missing = theirs.load_state_dict(to_timm(ours.state_dict()), strict=True)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    exported, _ = to_hub(ours.state_dict())  # what `dinoray export --format dinov2` writes
+    missing = theirs.load_state_dict(checkpoint_filter_fn(exported, theirs), strict=True)
     ok = True
     for size in (518, 224):
         x = torch.randn(2, 3, size, size)

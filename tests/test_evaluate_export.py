@@ -45,16 +45,6 @@ def test_export_round_trip_loads_strict(tmp_path, fmt):
     assert torch.equal(again(x), net.eval()(x))
 
 
-def test_timm_names():
-    net = dmodel.build_backbone("vit_pico", img_size=28, patch_size=14, num_register_tokens=4, ffn_layer="swiglufused")
-    sd = net.state_dict()
-    timm = export.to_timm(sd)
-    assert "mask_token" not in timm and "register_tokens" not in timm and timm["reg_token"].shape == (1, 4, 64)
-    assert timm["pos_embed"].shape[1] == sd["pos_embed"].shape[1] - 1
-    assert torch.equal(timm["cls_token"], sd["cls_token"] + sd["pos_embed"][:, :1])
-    assert "blocks.0.mlp.fc1.weight" in timm and "blocks.0.mlp.fc2.weight" in timm
-
-
 def test_export_refuses_an_unfinished_phase(tmp_path):
     with pytest.raises(FileNotFoundError, match="phase 'pretrain' has not finished"):
         export.export_phase(str(tmp_path), "pretrain", "dinov2", str(tmp_path / "o.pth"))
