@@ -210,12 +210,13 @@ def _stats(batch, normalized):
 def compare(name, datas, seconds, batch_size, seed=0, torchvision=False):
     from orchestrator.data.augment import MultiCrop
     from orchestrator.data.loader import MultiCropLoader
-    from orchestrator.pipeline.config import CropsCfg
+    from orchestrator.pipeline.config import CropsCfg, ModelCfg
 
     ours = MultiCropLoader.__new__(MultiCropLoader)  # only _make_batch: no shards needed
     crops = MultiCrop(**dataclasses.asdict(CropsCfg()))  # the job defaults: the paper's crops and probabilities
     ours.aug, ours.patch, ours.seed, ours.rank, ours.B = crops, 14, seed, 0, batch_size
-    ours.mask_ratio, ours.mask_prob, ours.with_keys, ours.urls = (0.1, 0.5), 0.5, False, name
+    ours.mask_ratio, ours.mask_prob = ModelCfg.mask_ratio_min_max, ModelCfg.mask_probability
+    ours.with_keys, ours.urls = False, name
     refs = {"reference": Reference()}
     if torchvision:
         refs["torchvision"] = TorchvisionReference()

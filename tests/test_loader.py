@@ -16,10 +16,11 @@ from orchestrator.data.build import build
 from orchestrator.data.index import read_index
 from orchestrator.data.loader import DataBudgetError, MultiCropLoader
 from orchestrator.data.samples import iter_samples
-from orchestrator.pipeline.config import CropsCfg
+from orchestrator.pipeline.config import CropsCfg, ModelCfg
 from orchestrator.storage import Store
 
 CROPS = {**dataclasses.asdict(CropsCfg()), **dict(global_size=28, local_size=14, n_global=2, n_local=2)}
+MASK = dict(mask_ratio_min_max=ModelCfg.mask_ratio_min_max, mask_probability=ModelCfg.mask_probability)
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,7 @@ def shard_dir(tmp_path_factory):
 
 
 def _loader(url, **kw):
-    args = dict(batch_size=8, rank=0, world_size=1, seed=3, crops=CROPS, patch_size=14, num_workers=0)
+    args = dict(batch_size=8, rank=0, world_size=1, seed=3, crops=CROPS, patch_size=14, mask=MASK, num_workers=0)
     args.update(kw)
     return MultiCropLoader(str(url), **args)
 

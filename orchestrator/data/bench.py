@@ -28,7 +28,7 @@ def _crops_from_config(path: str | None) -> tuple[dict, int]:
 
     from orchestrator.pipeline.config import CropsCfg, ModelCfg
 
-    crops, patch = dataclasses.asdict(CropsCfg()), ModelCfg().patch_size
+    crops, patch = dataclasses.asdict(CropsCfg()), ModelCfg.patch_size
     if not path:
         return crops, patch
     with open(path) as f:
@@ -45,13 +45,17 @@ def run(url: str, *, crops: dict, patch_size: int, seconds: float = 20.0, worker
     import torch
 
     from orchestrator.data.loader import MultiCropLoader
+    from orchestrator.pipeline.config import ModelCfg
+
+    mask = dict(mask_ratio_min_max=ModelCfg.mask_ratio_min_max, mask_probability=ModelCfg.mask_probability)
 
     threads = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)  # one core, comparable per-core numbers
     try:
         loader = MultiCropLoader(url, batch_size=batch_size, rank=0, world_size=1, seed=0, crops=crops,
-                                 patch_size=patch_size, num_workers=workers, storage_options=storage_options)
+                                 patch_size=patch_size, mask=mask, num_workers=workers,
+                                 storage_options=storage_options)
         n, t0, t_start = 0, None, time.perf_counter()
         for batch in loader.forever():
             if t0 is None:

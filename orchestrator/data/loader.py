@@ -1,7 +1,8 @@
 """MultiCropLoader: DINOv2 batches streamed from WebDataset shards on any fsspec URL.
 
     loader = MultiCropLoader("s3://bucket/shards/index.json", batch_size=64, rank=r, world_size=W,
-                             seed=0, crops=dataclasses.asdict(CropsCfg()), patch_size=14, num_workers=8)
+                             seed=0, crops=dataclasses.asdict(CropsCfg()), patch_size=14, num_workers=8,
+                             mask=dict(mask_ratio_min_max=(0.1, 0.5), mask_probability=0.5))
     for batch in loader: ...          # one epoch from the saved position; `len(loader)` batches
     state = loader.state_dict()       # small JSON-able dict; MultiCropLoader(..., state=state) resumes
 
@@ -102,9 +103,8 @@ class _EpochStream(torch.utils.data.IterableDataset):
 
 
 class MultiCropLoader:
-    def __init__(self, urls, *, batch_size: int, crops: dict, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 patch_size: int = 14, mask: dict | None = None,
-                 num_workers: int = 0, storage_options: dict | None = None, error_budget: float = 0.01,
+    def __init__(self, urls, *, batch_size: int, crops: dict, patch_size: int, mask: dict, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, num_workers: int = 0, storage_options: dict | None = None, error_budget: float = 0.01,
                  state: dict | None = None, shuffle_buffer: int = 1000, retries: int = 5, backoff: float = 0.5,
                  prefetch_factor: int = 2, pin_memory: bool = False, with_keys: bool = False):
         if not 0 <= rank < world_size:
@@ -117,11 +117,9 @@ class MultiCropLoader:
         self.patch = int(patch_size)
         if self.aug.G % self.patch:
             raise ValueError(f"crops.global_size {self.aug.G} is not a multiple of patch_size {self.patch}")
-        mask = dict(mask or {})
-        self.mask_ratio = tuple(mask.pop("mask_ratio_min_max", (0.1, 0.5)))
-        self.mask_prob = float(mask.pop("mask_probability", 0.5))
-        if mask:
-            raise ValueError(f"unknown mask keys {sorted(mask)}; known: mask_ratio_min_max, mask_probability")
+        if set(mask) != {"mask_ratio_min_max", "mask_probability"}:  # ModelCfg holds their defaults
+            raise ValueError(f"mask keys {sorted(mask)}; give exactly mask_ratio_min_max and mask_probability")
+        self.mask_ratio, self.mask_prob = tuple(mask["mask_ratio_min_max"]), float(mask["mask_probability"])
         self.num_workers, self.error_budget = int(num_workers), float(error_budget)
         self.buffer, self.retries, self.backoff = int(shuffle_buffer), int(retries), float(backoff)
         self.prefetch_factor, self.pin_memory, self.with_keys = prefetch_factor, pin_memory, with_keys
