@@ -4,6 +4,7 @@
         pipeline.json  LOCK                 phase states; the driver's lock
         report/  exports/  logs/            run report; exported weights; Ray and worker logs
             logs/{phase}/rank<r>.log  logs/ray/   a worker's output; a local run's Ray session logs
+        eval-baselines/{key}.json           eval yardsticks (random-init backbone, raw pixels), cached per arch+size
         ray/                                Ray Train's own run state
         {phase}/  or  {phase}-{arch}/       PhaseDir: one per phase (one per distill student)
             checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last
@@ -143,6 +144,10 @@ class RunLayout:
 
     def export_file(self, key: str, ext: str) -> Store:
         return self.exports / f"{key}.{ext}"
+
+    def eval_baseline(self, key: str) -> Store:
+        """A cached eval yardstick result (orchestrator/eval/baselines.py names the key)."""
+        return self.root / "eval-baselines" / f"{key}.json"
 
     def ray_run_name(self, key: str) -> str:
         return f"{self.name}-{key}"
