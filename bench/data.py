@@ -210,7 +210,7 @@ def _stats(batch, normalized):
 def compare(name, datas, seconds, batch_size, seed=0, torchvision=False):
     from orchestrator.data.augment import MultiCrop
     from orchestrator.data.loader import MultiCropLoader
-    from orchestrator.pipeline.config import CropsCfg, ModelCfg
+    from orchestrator.pipeline.schema import CropsCfg, ModelCfg
 
     ours = MultiCropLoader.__new__(MultiCropLoader)  # only _make_batch: no shards needed
     crops = MultiCrop(**dataclasses.asdict(CropsCfg()))  # the job defaults: the paper's crops and probabilities

@@ -1,22 +1,27 @@
 """dinoray model: pure PyTorch DINOv2 (no Ray, no DeepSpeed, no process groups).
 
-Re-exports the public API; see model/vit.py, heads.py, losses.py, masking.py, ema.py, schedules.py,
-ssl.py, distill.py, recipes.py.
+The public API, loaded on first use (so `import model.schedules` or `model.recipes` does not pull in
+torch for the config checks of `dinoray validate`); see model/vit.py, heads.py, losses.py,
+masking.py, ema.py, schedules.py, ssl.py, distill.py, recipes.py.
 """
+import importlib
 
-from . import losses, masking, recipes, schedules
-from .distill import DistillMetaArch
-from .ema import EMAMetaArch, ema_update_
-from .heads import DINOHead
-from .losses import LOSS_PARTS
-from .masking import MaskGenerator, collate_masks
-from .ssl import DEFAULT_CFG, SSLMetaArch, normalize_images
-from .vit import (ARCHS, HUB_MODELS, DinoVisionTransformer, build_backbone, build_hub_backbone,
-                  flops_per_image, ssl_flops_per_image)
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "DistillMetaArch": "distill", "EMAMetaArch": "ema", "ema_update_": "ema", "DINOHead": "heads",
+    "LOSS_PARTS": "losses", "MaskGenerator": "masking", "collate_masks": "masking",
+    "DEFAULT_CFG": "ssl", "SSLMetaArch": "ssl", "normalize_images": "ssl",
+    "ARCHS": "vit", "HUB_MODELS": "vit", "DinoVisionTransformer": "vit", "build_backbone": "vit",
+    "build_hub_backbone": "vit", "flops_per_image": "vit", "ssl_flops_per_image": "vit",
+}
+_SUBMODULES = ("distill", "ema", "heads", "losses", "masking", "recipes", "schedules", "ssl", "vit")
 
-__all__ = [
-    "ARCHS", "DEFAULT_CFG", "DINOHead", "DinoVisionTransformer", "DistillMetaArch", "EMAMetaArch", "HUB_MODELS",
-    "LOSS_PARTS", "MaskGenerator", "SSLMetaArch", "build_backbone", "build_hub_backbone", "collate_masks",
-    "ema_update_", "flops_per_image", "losses", "masking", "normalize_images", "recipes", "schedules",
-    "ssl_flops_per_image",
-]
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -4,11 +4,15 @@ patch-embedding lr multiplier) for DINOv2."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import re
 
 import numpy as np
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _TOKEN_NAMES = ("pos_embed", "cls_token", "mask_token", "register_tokens")
 
@@ -81,6 +85,7 @@ def param_groups(module: nn.Module, *, layer_decay: float = 0.9, patch_embed_lr_
     Parameters with the same (lr_multiplier, wd_multiplier, is_last_layer) share one group. Each
     group also keeps "names". The prototype layers ("last_layer") have is_last_layer=True.
     """
+    from torch import nn  # torch only where a model is at hand: the schedules themselves are numpy
     if n_blocks is None:
         bb = module["backbone"] if isinstance(module, nn.ModuleDict) else module
         n_blocks = getattr(bb, "n_blocks")

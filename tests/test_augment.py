@@ -13,7 +13,7 @@ from conftest import CIFAR_TEST_TAR
 from PIL import Image, ImageEnhance, ImageOps
 
 from orchestrator.data import augment as A
-from orchestrator.pipeline.config import CropsCfg
+from orchestrator.pipeline.schema import CropsCfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import data as ref  # noqa: E402  bench/data.py: the reference pipeline

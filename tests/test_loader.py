@@ -16,7 +16,7 @@ from orchestrator.data.build import build
 from orchestrator.data.index import read_index
 from orchestrator.data.loader import DataBudgetError, MultiCropLoader
 from orchestrator.data.samples import iter_samples
-from orchestrator.pipeline.config import CropsCfg, ModelCfg
+from orchestrator.pipeline.schema import CropsCfg, ModelCfg
 from orchestrator.storage import Store
 
 CROPS = {**dataclasses.asdict(CropsCfg()), **dict(global_size=28, local_size=14, n_global=2, n_local=2)}

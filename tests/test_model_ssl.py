@@ -137,8 +137,8 @@ def test_model_defaults_agree_with_the_job_schema():
     import dataclasses
 
     from model.losses import LOSS_PARTS
-    from orchestrator.pipeline import config
-    schema = {f.name: f.default for f in dataclasses.fields(config.ModelCfg)}
+    from orchestrator.pipeline.schema import ModelCfg
+    schema = {f.name: f.default for f in dataclasses.fields(ModelCfg)}
     shared = sorted(set(schema) & set(DEFAULT_CFG))
     assert {"ibot_separate_head", "ffn_layer", "head_n_prototypes"} <= set(shared)
     model = {**DEFAULT_CFG, "ibot_n_prototypes": DEFAULT_CFG["ibot_n_prototypes"] or DEFAULT_CFG["head_n_prototypes"]}

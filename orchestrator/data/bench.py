@@ -26,7 +26,7 @@ def _crops_from_config(path: str | None) -> tuple[dict, int]:
     """(crops, patch_size): the job defaults (CropsCfg, ModelCfg), updated from the YAML at `path`."""
     import yaml
 
-    from orchestrator.pipeline.config import CropsCfg, ModelCfg
+    from orchestrator.pipeline.schema import CropsCfg, ModelCfg
 
     crops, patch = dataclasses.asdict(CropsCfg()), ModelCfg.patch_size
     if not path:
@@ -45,7 +45,7 @@ def run(url: str, *, crops: dict, patch_size: int, seconds: float = 20.0, worker
     import torch
 
     from orchestrator.data.loader import MultiCropLoader
-    from orchestrator.pipeline.config import ModelCfg
+    from orchestrator.pipeline.schema import ModelCfg
 
     mask = dict(mask_ratio_min_max=ModelCfg.mask_ratio_min_max, mask_probability=ModelCfg.mask_probability)
 

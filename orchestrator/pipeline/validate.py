@@ -1,0 +1,122 @@
+"""Validation of a whole job spec: impossible values are refused before any Ray resource is taken,
+with a message that names the file and the key and says how to fix it.
+
+    dinoray validate jobs/smoke_cpu.yaml
+"""
+from __future__ import annotations
+
+import difflib
+
+from model.schedules import scaled_lr  # the one lr scaling rule
+from orchestrator.pipeline.schema import TRAINING_KINDS, JobSpec, PhaseSpec, ResolvedPhase, fail, resolve
+
+# storage_options keys that would hold credentials (they come from the environment or a Secret)
+_FORBIDDEN_KEYS = ("key", "secret", "token", "password", "credential")
+
+
+def validate(job: JobSpec) -> None:
+    """Refuse impossible values before any Ray resource is taken."""
+    _check_job(job)
+    seen: dict[str, int] = {}
+    for i, phase in enumerate(job.phases):
+        _check_order(job, i, phase, seen)
+        seen[phase.name] = i
+        _check_phase(job, i, phase)
+        rp = resolve(job, phase)
+        _check_crops(rp, f"phases[{i}]")
+        _check_optim(rp, f"phases[{i}]")
+        _check_losses(rp, f"phases[{i}]")
+
+
+def _key(phase: PhaseSpec, where: str, section: str, key: str) -> str:
+    """The path to name in a message: the phase's override if it sets the key, else the job's section."""
+    return f"{where}.{section}.{key}" if key in getattr(phase, section) else f"{section}.{key}"
+
+
+def _check_job(job: JobSpec) -> None:
+    src = job.source
+    if not job.storage.strip():
+        fail(src, "storage", "missing storage root; set a local path or an s3:// / gs:// URL")
+    if job.num_workers < 1:
+        fail(src, "num_workers", f"must be >= 1, got {job.num_workers}")
+    for key in job.storage_options:
+        if any(word in key.lower() for word in _FORBIDDEN_KEYS):
+            fail(src, f"storage_options.{key}", "credentials must not be in job files; "
+                 "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment or a Kubernetes Secret")
+    if job.checkpoint.every_steps < 1 or job.checkpoint.keep_last < 1:
+        fail(src, "checkpoint", "every_steps and keep_last must be >= 1")
+
+
+def _check_order(job: JobSpec, i: int, phase: PhaseSpec, seen: dict[str, int]) -> None:
+    where = f"phases[{i}]"
+    if phase.name in seen:
+        fail(job.source, f"{where}.name", f"phase name '{phase.name}' is used twice")
+    if phase.from_phase is not None and phase.from_phase not in seen:
+        later = [p.name for p in job.phases[i:]]
+        why = "comes later" if phase.from_phase in later else "is not a phase of this job"
+        close = difflib.get_close_matches(phase.from_phase, list(seen), 1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; earlier phases: {list(seen)}"
+        fail(job.source, f"{where}.from_phase", f"depends on '{phase.from_phase}', which {why}{hint}")
+
+
+def _check_phase(job: JobSpec, i: int, phase: PhaseSpec) -> None:
+    src, where = job.source, f"phases[{i}]"
+    if phase.kind in ("highres", "distill", "eval", "export") and phase.from_phase is None:
+        fail(src, f"{where}.from_phase", f"a {phase.kind} phase needs from_phase: the phase whose weights it uses")
+    if phase.kind in TRAINING_KINDS and phase.steps < 1:
+        fail(src, f"{where}.steps", f"a {phase.kind} phase needs steps >= 1")
+    if phase.kind == "distill" and not phase.students:
+        fail(src, f"{where}.students", "list at least one student arch, e.g. [vit_small]")
+    if phase.kind in TRAINING_KINDS and not job.data.train:
+        fail(src, "data.train", "training phases need the URL of the training shards (index.json's folder)")
+    if phase.kind == "eval" and not (job.data.eval_train and job.data.eval_test):
+        fail(src, "data.eval_train", "an eval phase needs data.eval_train and data.eval_test (labelled shards)")
+
+
+def _check_crops(rp: ResolvedPhase, where: str) -> None:
+    src, phase, patch = rp.job.source, rp.phase, rp.model.patch_size
+    for key in ("global_size", "local_size"):
+        size = getattr(rp.crops, key)
+        if size <= 0 or size % patch:
+            fix = max(patch, round(size / patch) * patch)
+            fail(src, _key(phase, where, "crops", key), f"{size} is not a multiple of model.patch_size={patch}; use {fix}")
+    if rp.eval.image_size % patch:
+        fail(src, _key(phase, where, "eval", "image_size"),
+             f"{rp.eval.image_size} is not a multiple of model.patch_size={patch}")
+    if phase.kind in TRAINING_KINDS and rp.crops.n_global != 2:
+        fail(src, _key(phase, where, "crops", "n_global"), "the DINO loss pairs exactly 2 global crops; set 2")
+    for key in ("global_scale", "local_scale"):
+        lo, hi = getattr(rp.crops, key)
+        if not 0 < lo <= hi <= 1:
+            fail(src, _key(phase, where, "crops", key), f"({lo}, {hi}) must satisfy 0 < min <= max <= 1")
+
+
+def _check_optim(rp: ResolvedPhase, where: str) -> None:
+    src, phase, optim, workers = rp.job.source, rp.phase, rp.optim, rp.job.num_workers
+    if optim.batch_size % workers:
+        fail(src, _key(phase, where, "optim", "batch_size"),
+             f"{optim.batch_size} is not divisible by num_workers={workers}")
+    if phase.kind not in TRAINING_KINDS:
+        return
+    for key in ("warmup_iters", "teacher_temp_warmup_iters", "freeze_last_layer_iters"):
+        if getattr(optim, key) >= phase.steps and getattr(optim, key) > 0:
+            fail(src, _key(phase, where, "optim", key),
+                 f"{getattr(optim, key)} is not shorter than the phase's {phase.steps} steps; "
+                 f"lower it (e.g. --set phases.{phase.name}.optim.{key}=0)")
+    peak = scaled_lr(optim.base_lr, optim.batch_size)
+    if optim.min_lr > peak:
+        fail(src, _key(phase, where, "optim", "min_lr"),
+             f"{optim.min_lr} is above the phase's peak lr {peak:.3g} (base_lr {optim.base_lr} x "
+             f"sqrt({optim.batch_size}/1024)): the cosine would climb; lower it")
+
+
+def _check_losses(rp: ResolvedPhase, where: str) -> None:
+    src, phase, model = rp.job.source, rp.phase, rp.model
+    if phase.kind in ("pretrain", "highres") and model.feature_loss_weight:
+        fail(src, _key(phase, where, "model", "feature_loss_weight"),
+             f"a {phase.kind} phase has no teacher features to regress; "
+             "set it only in a distill phase (phases.NAME.model.feature_loss_weight)")
+    if phase.kind == "distill" and not (model.dino_loss_weight or model.ibot_loss_weight
+                                        or model.feature_loss_weight):
+        fail(src, f"{where}.model", "dino_loss_weight, ibot_loss_weight and feature_loss_weight are all 0: "
+             "nothing to distil; set one of them above 0")
