@@ -41,14 +41,12 @@ def build_cifar_shards(out_dir: Path, splits=("train", "test"), log=print) -> di
 def summary(state: dict) -> str:
     from orchestrator.pipeline import report
     rows = [f"{'phase':<14}{'kind':<9}{'state':<8}{'steps':>12}{'time s':>9}  final losses / k-NN"]
-    knn = report.knn_table(state)
     for e in state["phases"]:
         extra = ""
         if e["kind"] in ("pretrain", "highres", "distill"):
             extra = "; ".join(f"{k}: loss {m.get('loss', float('nan')):.3f}" for k, m in e.get("metrics", {}).items())
         elif e["kind"] == "eval":
-            extra = "; ".join(f"{src}: " + ", ".join(f"k={k} {100 * v:.1f}%" for k, v in knn[src].items())
-                              for src in e.get("metrics", {}))
+            extra = "; ".join(f"{src}: {report.results_line(res)}" for src, res in e.get("metrics", {}).items())
         rows.append(f"{e['name']:<14}{e['kind']:<9}{e['state']:<8}{e['step']:>6}/{e['steps']:<5}"
                     f"{e.get('seconds', 0):>9.0f}  {extra}")
     return "\n".join(rows)

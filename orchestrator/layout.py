@@ -26,6 +26,7 @@ import re
 from orchestrator.storage import Store
 
 CHECKPOINT_TAG = "step-{:07d}"
+PHASE_REF = "phase:"  # a data URL `phase:NAME`: the shards phase NAME of the same job writes
 LOGS = "logs"               # {run}/logs/: Ray's and the workers' output
 _CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
 

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from orchestrator.pipeline import config
-from orchestrator.pipeline import controller
+from orchestrator.layout import RunLayout
+from orchestrator.pipeline import config, controller, state
+from orchestrator.storage import Store
 
 JOB = {
     "name": "ctl", "storage": "", "num_workers": 1,
@@ -24,18 +25,18 @@ def make_job(tmp_path, overrides=()):
 
 
 def test_lock_refuses_a_second_live_driver_and_takes_over_a_dead_one(tmp_path):
-    root = str(tmp_path / "run")
-    first = controller.RunLock(root)
+    layout = RunLayout(Store(str(tmp_path)), "run")
+    first = state.RunLock(layout)
     first.acquire()
     with pytest.raises(controller.PipelineError, match="already being driven by owner"):
-        controller.RunLock(root).acquire()
+        state.RunLock(layout).acquire()
     first.release()
     assert not (tmp_path / "run" / "LOCK").exists()
     # a lock left by a dead process on this host is stale and is taken over
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "run" / "LOCK").write_text(json.dumps(
         {"owner": "ghost", "host": os.uname().nodename, "pid": int(dead.stdout), "heartbeat": 0}))
-    again = controller.RunLock(root)
+    again = state.RunLock(layout)
     again.acquire()
     assert json.loads((tmp_path / "run" / "LOCK").read_text())["owner"] == again.owner["owner"]
     again.release()
@@ -43,10 +44,10 @@ def test_lock_refuses_a_second_live_driver_and_takes_over_a_dead_one(tmp_path):
 
 def test_changed_config_of_a_finished_phase_is_refused(tmp_path):
     job = make_job(tmp_path)
-    state = controller._new_state(job)
-    state["phases"][0].update(state="done", step=3, config_hash="0123456789abcdef")
+    run_state = state.load(RunLayout.of(job), job)
+    run_state["phases"][0].update(state="done", step=3, config_hash="0123456789abcdef")
     (tmp_path / "ctl").mkdir()
-    (tmp_path / "ctl" / "pipeline.json").write_text(json.dumps(state))
+    (tmp_path / "ctl" / "pipeline.json").write_text(json.dumps(run_state))
     with pytest.raises(controller.PipelineError) as err:
         controller.run_pipeline(job, log=lambda *_: None)
     msg = str(err.value)
@@ -57,7 +58,7 @@ def test_changed_config_of_a_finished_phase_is_refused(tmp_path):
 def test_status_cli_prints_json_with_phases(tmp_path):
     job = make_job(tmp_path)
     (tmp_path / "ctl").mkdir()
-    (tmp_path / "ctl" / "pipeline.json").write_text(json.dumps(controller._new_state(job)))
+    (tmp_path / "ctl" / "pipeline.json").write_text(json.dumps(state.load(RunLayout.of(job), job)))
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", str(tmp_path / "ctl"), "--json"],
                          capture_output=True, text=True, check=True).stdout
     phase = json.loads(out)["phases"][0]

@@ -120,4 +120,4 @@ def test_status_cli_is_fast_and_imports_no_torch(tmp_path, monkeypatch):
 
 def test_missing_run_names_the_file(tmp_path, capsys):
     rc = progress.cmd_status(types.SimpleNamespace(run_url=str(tmp_path / "nope"), json=False))
-    assert rc == 3 and "nope/pipeline.json: not found" in capsys.readouterr().err
+    assert rc == 3 and "nope/pipeline.json not found" in capsys.readouterr().err

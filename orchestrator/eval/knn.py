@@ -72,7 +72,7 @@ def knn_result(train: tuple, test: tuple, ks=(10, 20), temperature: float = 0.07
 
 
 # --------------------------------------------------------------------------- CLI
-def _cmd_knn(args) -> int:
+def cmd_knn(args) -> int:
     ks = [int(k) for k in args.k.split(",")]
     res = knn_eval(args.weights, args.train, args.test, ks=ks, temperature=args.temperature,
                    image_size=args.image_size, batch_size=args.batch_size)

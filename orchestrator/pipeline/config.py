@@ -21,6 +21,7 @@ import yaml
 
 from orchestrator.pipeline.schema import (PHASE_SECTIONS, TRAINING_KINDS, ConfigError, JobSpec, PhaseSpec,  # noqa: F401
                                           ResolvedPhase, build, resolve)
+from orchestrator.layout import PHASE_REF, RunLayout
 from orchestrator.pipeline.validate import validate
 
 # --------------------------------------------------------------------------- overrides
@@ -58,8 +59,9 @@ def _phase_item(items: list, key: str, dotted: str, source: str) -> dict:
 
 
 # --------------------------------------------------------------------------- loading
-def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Load, override and validate a job file. Raises ConfigError naming the file and key."""
+def load_job(path: str, overrides: list[str] | tuple[str, ...] = (), base_dir: str | None = None) -> JobSpec:
+    """Load, override and validate a job file. Raises ConfigError naming the file and key.
+    Relative local paths resolve against `base_dir` (default: the current directory)."""
     try:
         with open(path) as fh:
             raw = yaml.safe_load(fh)
@@ -67,26 +69,43 @@ def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
         raise ConfigError(f"{path}: no such job file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return job_from_dict(raw or {}, source=path, overrides=overrides)
+    return job_from_dict(raw or {}, source=path, overrides=overrides, base_dir=base_dir)
 
 
-def job_from_dict(raw: dict, source: str = "<dict>", overrides=()) -> JobSpec:
+def job_from_dict(raw: dict, source: str = "<dict>", overrides=(), base_dir: str | None = None) -> JobSpec:
     raw = copy.deepcopy(raw)
     for assignment in overrides:
         apply_override(raw, assignment)
     job = build(JobSpec, raw, source, "")
     job.source = source
-    _absolute_local_paths(job)
+    _resolve_paths(job, base_dir or os.getcwd())
     validate(job)
     return job
 
 
-def _absolute_local_paths(job: JobSpec) -> None:
-    """Relative local paths are relative to where `dinoray` runs; Ray workers run elsewhere."""
-    fix = lambda url: os.path.abspath(url) if url and "://" not in url else url  # noqa: E731
-    job.storage = fix(job.storage)
+def _resolve_paths(job: JobSpec, base_dir: str) -> None:
+    """Relative local paths are relative to `base_dir` (Ray workers run elsewhere); a data URL
+    `phase:NAME` is the output shards of this job's curate phase NAME."""
+    def absolute(url: str) -> str:
+        return os.path.normpath(os.path.join(base_dir, url)) if url and "://" not in url else url
+    job.storage = absolute(job.storage)
+    curate = [p.name for p in job.phases if p.kind == "curate"]
     for key in ("train", "eval_train", "eval_test"):
-        setattr(job.data, key, fix(getattr(job.data, key)))
+        url = getattr(job.data, key)
+        name = phase_ref(url)
+        if name is None:
+            setattr(job.data, key, absolute(url))
+        elif name in curate:
+            setattr(job.data, key, RunLayout.of(job).phase(name).curate_shards.url)
+        else:
+            close = difflib.get_close_matches(name, curate, 1)
+            hint = f"did you mean '{PHASE_REF}{close[0]}'?" if close else f"curate phases: {curate}"
+            raise ConfigError(f"{job.source}: data.{key}: '{url}' names no curate phase of this job; {hint}")
+
+
+def phase_ref(url: str) -> str | None:
+    """NAME of a `phase:NAME` data URL (the shards a phase of the same job writes), else None."""
+    return url[len(PHASE_REF):] if url.startswith(PHASE_REF) else None
 
 
 # --------------------------------------------------------------------------- helpers

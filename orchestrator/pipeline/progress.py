@@ -17,11 +17,13 @@ import sys
 import time
 
 from orchestrator.layout import PhaseDir, RunLayout
+from orchestrator.pipeline import state as run_state
+from orchestrator.pipeline.schema import TRAINING_KINDS
+from orchestrator.pipeline.state import PipelineError
 from orchestrator.storage import Store
 
 TAIL_BYTES = 1 << 16      # the end of metrics.jsonl read per poll: about 150 records
 RATE_RECORDS = 20         # records behind images/s and the step time of the ETA
-TRAINING_KINDS = ("pretrain", "highres", "distill")
 LIVE_KEYS = ("step", "steps", "images_per_s", "eta_s", "loss", "checkpoint", "checkpoint_step", "updated")
 
 
@@ -153,20 +155,16 @@ def fmt_status(state: dict, now: float | None = None) -> str:
 
 
 def run_status(run_url: str, options: dict | None = None) -> dict:
-    """pipeline.json of the run at `run_url` with live progress; FileNotFoundError names the file."""
+    """pipeline.json of the run at `run_url` with live progress; PipelineError names the file."""
     layout = layout_of(run_url, options)
-    state = layout.pipeline.read_json()
-    if state is None:
-        raise FileNotFoundError(f"{layout.pipeline}: not found; is RUN '{{storage}}/{{name}}' of a started run? "
-                                f"(e.g. `dinoray status runs/smoke` for jobs/smoke_cpu.yaml)")
-    return live_state(layout, state)
+    return live_state(layout, run_state.read(layout))
 
 
 def cmd_status(args) -> int:
     """`dinoray status RUN [--json]`: the run's phases, a running one with step, images/s, ETA, checkpoint."""
     try:
         state = run_status(args.run_url)
-    except FileNotFoundError as exc:
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     print(json.dumps(state, default=str) if args.json else fmt_status(state))

@@ -143,6 +143,14 @@ class EvalCfg:
     image_size: int = 224            # eval resolution; [ref] 224 centre crop
     max_train_images: int = 0        # 0 = the whole memory bank; a limit makes quick checks cheap
     max_test_images: int = 0         # 0 = every query image
+    methods: list[Literal["knn", "linear", "retrieval"]] = field(default_factory=lambda: ["knn"])  # evals to run
+    baselines: bool = True           # the same evals on a random-init backbone (+ raw pixels): the yardsticks
+    linear_epochs: int = 10          # linear probe: passes over the cached features; [ref] eval/linear.py 10
+    linear_lrs: list[float] = field(default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3,
+                                                             1e-2, 2e-2, 5e-2, 0.1])  # [ref] eval/linear.py lr grid
+    retrieval_queries: int = 500     # copy detection: query images (the first of the test split)
+    retrieval_copies: int = 3        # edited copies of each query in the database
+    retrieval_distractors: int = 2000  # further test images in the database, relevant to no query
 
 
 @dataclass
