@@ -162,7 +162,7 @@ def _run_phases(job, layout: RunLayout, run_state: dict, log) -> None:
 # --------------------------------------------------------------------------- CLI handlers
 def _load(args):
     try:
-        return config.load_job(args.job, args.set or [])
+        return config.load_job(args.job, args.set or [], base_dir=getattr(args, "base_dir", None))
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
