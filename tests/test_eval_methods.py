@@ -11,12 +11,12 @@ from PIL import Image
 import model as dmodel
 from orchestrator.eval import baselines, features, linear, phase, retrieval
 from orchestrator.layout import RunLayout
+from orchestrator.pipeline.schema import EvalCfg
 from orchestrator.storage import Store
 
 
 def settings(cifar_shards, methods, **kw) -> dict:
-    ev = SimpleNamespace(ks=[10, 20], temperature=0.07, batch_size=256, max_train_images=10000,
-                         max_test_images=2000, methods=methods, **kw)
+    ev = EvalCfg(max_train_images=10000, max_test_images=2000, methods=methods, **kw)
     data = SimpleNamespace(eval_train=cifar_shards["train"], eval_test=cifar_shards["test"])
     return phase.eval_settings(ev, data, 32)
 
@@ -129,4 +129,4 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="copies >= 1"):
         retrieval.retrieval_eval(sd, test, copies=0)
     with pytest.raises(ValueError, match=r"eval.methods: \['svm'\]"):
-        phase.eval_settings(SimpleNamespace(methods=["svm"]), None, 16)
+        phase.eval_settings(EvalCfg(methods=["svm"]), None, 16)

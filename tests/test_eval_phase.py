@@ -67,3 +67,40 @@ def test_run_eval_reports_knn_with_its_yardsticks_and_caches_them(tmp_path, cifa
     assert got["baselines"]["random_init"]["knn"]["top1"] == got["top1"]
     assert again["metrics"]["distill-vit_pico"]["baselines"] == got["baselines"]
     assert sum("yardstick from cache" in line for line in lines) == 2  # the second run read both
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sharded_knn_keeps_features_on_workers_and_matches_the_gathered_knn(cifar_shards):
+    import ray
+
+    from orchestrator.eval import knn, knn_dist
+    torch.manual_seed(0)
+    sd = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4, layerscale_init=None).state_dict()
+    kw = dict(train_limit=6000, test_limit=1000, ks=(10, 20))
+    gathered = knn.knn_eval(sd, cifar_shards["train"], cifar_shards["test"], **kw)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        sharded = knn_dist.knn_eval_sharded(sd, cifar_shards["train"], cifar_shards["test"], parallel=2,
+                                            actor_options=dict(num_cpus=1), **kw)
+    finally:
+        ray.shutdown()
+    assert (sharded["n_train"], sharded["n_test"], sharded["parallel"]) == (6000, 1000, 2)
+    for k in ("10", "20"):
+        assert abs(sharded["top1"][k] - gathered["top1"][k]) <= 1 / 1000  # at most one tie broken differently
+    # the driver received the test labels and 2 banks x 20 (similarity, label) pairs per query, nothing more:
+    # 1000 x (8 + 2 x 20 x (4 + 8)) bytes, against 7000 x 64 x 4 bytes of features for the gathered k-NN
+    assert sharded["driver_bytes"] == 1000 * (8 + 2 * 20 * 12)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.methods=[]", "eval.methods: list at least one of knn, linear, retrieval"),
+    ("eval.retrieval_copies=0", "retrieval needs retrieval_queries >= 1, retrieval_copies >= 1"),
+    ("eval.linear_epochs=0", "the linear probe needs linear_epochs >= 1"),
+    ("eval.methods=[knn,svm]", "svm"),
+])
+def test_bad_eval_settings_are_refused_by_validate(tmp_path, override, message):
+    from orchestrator.pipeline.schema import ConfigError
+    from orchestrator.pipeline.validate import validate
+    with pytest.raises(ConfigError, match=message):
+        validate(config.load_job(str(JOB), ["eval.methods=[knn,linear,retrieval]", override]))

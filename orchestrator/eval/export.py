@@ -161,12 +161,3 @@ def cmd_export(args) -> int:
     res = export_phase(args.run_url, args.phase, args.format, args.out)
     print(f"exported {args.phase} ({args.format}) to {res['path']}" + (f": {res['note']}" if res["note"] else ""))
     return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="export a phase's backbone (dinov2 / hf / safetensors)")
-    p.add_argument("run_url", help="{storage}/{name} of the run")
-    p.add_argument("--phase", required=True, help="phase name (distill students: PHASE-ARCH)")
-    p.add_argument("--format", choices=FORMATS, default="dinov2")
-    p.add_argument("out", help="output file (hf: a folder); local path or fsspec URL")
-    p.set_defaults(func=cmd_export)

@@ -8,7 +8,6 @@ The architecture is read off the state dict's shapes, so no config is needed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -82,17 +81,3 @@ def cmd_knn(args) -> int:
         for k, v in res["top1"].items():
             print(f"k={k:>3}  top-1 {100 * v:.2f}%  ({res['n_test']} test / {res['n_train']} train images)")
     return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluate a backbone").add_subparsers(dest="eval_command", metavar="EVAL")
-    p = ev.add_parser("knn", help="weighted k-NN on labelled shards")
-    p.add_argument("--weights", required=True, help="exported backbone file or a phase's final/ folder")
-    p.add_argument("--train", required=True, help="labelled shards URL (memory bank)")
-    p.add_argument("--test", required=True, help="labelled shards URL (queries)")
-    p.add_argument("--k", default="10,20", help="comma-separated k values (default 10,20)")
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--image-size", type=int, default=None, help="default: the weights' training size")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_knn)

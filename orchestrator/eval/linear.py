@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.eval import features
+from orchestrator.pipeline.schema import EvalCfg
 
-# the reference's learning-rate grid (dinov2/eval/linear.py, --learning-rates)
-LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
-EPOCHS = 10            # passes over the cached train features (the reference: 10 epochs)
+# the learning-rate grid and epochs: the job schema's defaults (the reference's, with sources there)
+LRS = tuple(EvalCfg().linear_lrs)
+EPOCHS = EvalCfg().linear_epochs
 BATCH = 128            # the reference's per-GPU batch; lr is scaled by BATCH / 256
 VAL_FRACTION = 0.1     # of the train split, held out to choose the head
 MOMENTUM = 0.9

@@ -20,15 +20,13 @@ import torch.nn.functional as F
 from orchestrator.eval import baselines, features, knn, linear, retrieval
 
 METHODS = ("knn", "linear", "retrieval")
-# eval settings not (yet) in the job schema's EvalCfg take these values (one place)
-DEFAULTS = {"methods": ["knn"], "linear_epochs": linear.EPOCHS, "linear_lrs": list(linear.LRS),
-            "retrieval_queries": retrieval.QUERIES, "retrieval_copies": retrieval.COPIES,
-            "retrieval_distractors": retrieval.DISTRACTORS, "baselines": True}
 
 
 def eval_settings(ev, data, image_size: int) -> dict:
     """Every setting an eval result depends on besides the weights (also the yardsticks' cache key)."""
-    out = {name: getattr(ev, name, default) for name, default in DEFAULTS.items()}
+    names = ("methods", "baselines", "linear_epochs", "linear_lrs", "retrieval_queries", "retrieval_copies",
+             "retrieval_distractors")
+    out = {name: getattr(ev, name) for name in names}
     unknown = sorted(set(out["methods"]) - set(METHODS))
     if unknown or not out["methods"]:
         raise ValueError(f"eval.methods: {unknown or 'empty'}; use one or more of {list(METHODS)}")
@@ -38,16 +36,22 @@ def eval_settings(ev, data, image_size: int) -> dict:
     return out
 
 
-def classify(weights, s: dict, storage_options, parallel: int, map_fn, log=print) -> dict:
+def classify(weights, s: dict, storage_options, parallel: int, map_fn, log=print, actor_options=None) -> dict:
     """{"knn": ..., "linear": ...} for the methods of s["methods"]. With "linear", the train split is
     embedded first (CLS of the last blocks + pooled patches), the head chosen, then the test split
-    embedded; the k-NN reuses the last block's CLS of the same features."""
-    common = dict(batch_size=s["batch_size"], storage_options=storage_options, parallel=parallel, map_fn=map_fn)
+    embedded; the k-NN reuses the last block's CLS of the same features. A k-NN alone with
+    `actor_options` (on Ray) keeps the features on the workers (knn_dist.py)."""
+    common = dict(batch_size=s["batch_size"], storage_options=storage_options, parallel=parallel)
     limits = dict(train_limit=s["max_train_images"], test_limit=s["max_test_images"])
     size = s["image_size"]
     if "linear" not in s["methods"]:
-        return {"knn": knn.knn_eval(weights, s["train"], s["test"], ks=tuple(s["ks"]),
-                                    temperature=s["temperature"], image_size=size, **limits, **common)}
+        knn_kw = dict(ks=tuple(s["ks"]), temperature=s["temperature"], image_size=size, **limits, **common)
+        if actor_options is not None:
+            from orchestrator.eval import knn_dist
+            return {"knn": knn_dist.knn_eval_sharded(weights, s["train"], s["test"], actor_options=actor_options,
+                                                     **knn_kw)}
+        return {"knn": knn.knn_eval(weights, s["train"], s["test"], map_fn=map_fn, **knn_kw)}
+    common["map_fn"] = map_fn
     t0 = time.time()
     plans = features.labelled_plans({"train": s["train"], "test": s["test"]}, storage_options,
                                     {"train": s["max_train_images"], "test": s["max_test_images"]})
@@ -72,11 +76,11 @@ def classify(weights, s: dict, storage_options, parallel: int, map_fn, log=print
     return out
 
 
-def evaluate(weights, s: dict, storage_options, parallel: int, map_fn, log=print) -> dict:
+def evaluate(weights, s: dict, storage_options, parallel: int, map_fn, log=print, actor_options=None) -> dict:
     """{method: result} for a backbone (URL / state dict) or raw pixels (None: k-NN and retrieval only)."""
     res = {}
     if {"knn", "linear"} & set(s["methods"]):
-        res.update(classify(weights, s, storage_options, parallel, map_fn, log))
+        res.update(classify(weights, s, storage_options, parallel, map_fn, log, actor_options))
     if "retrieval" in s["methods"]:
         res["retrieval"] = retrieval.retrieval_eval(
             weights, s["test"], queries=s["retrieval_queries"], copies=s["retrieval_copies"],
@@ -96,10 +100,15 @@ def describe(key: str, res: dict) -> str:
     return f"{key}: " + "; ".join(parts)
 
 
+def ray_options(job) -> dict:
+    """Resources of one eval task or actor: a worker's CPUs, and a GPU when the job uses GPUs."""
+    return dict(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)
+
+
 def ray_map(job):
-    """map_fn running each call as one Ray task (a GPU each when the job uses GPUs)."""
+    """map_fn running each call as one Ray task."""
     import ray
-    opts = dict(num_cpus=job.cpus_per_worker, num_gpus=1 if job.use_gpu else 0)
+    opts = ray_options(job)
 
     def run(fn, arglist):
         task = ray.remote(**opts)(fn)
@@ -111,17 +120,18 @@ def run_eval(job, phase, layout, log=print) -> dict:
     """Evaluate every backbone `phase.from_phase` wrote; returns {"metrics": {key: result}} (module doc)."""
     from orchestrator.pipeline import config
     ev = config.resolve(job, phase).eval
-    map_fn, metrics = ray_map(job), {}
+    map_fn, actors, metrics = ray_map(job), ray_options(job), {}
     for key, pdir in layout.phase_dirs(job.phase(phase.from_phase)).items():
         t0 = time.time()
         sd = features.load_state_dict(pdir.final_backbone)
         s = eval_settings(ev, job.data, ev.image_size or features.infer_arch(sd)["img_size"])
         log(f"[{phase.name}] {'+'.join(s['methods'])} of {key} ({job.num_workers} tasks)")
-        res = evaluate(sd, s, job.storage_options, job.num_workers, map_fn, log)
+        res = evaluate(sd, s, job.storage_options, job.num_workers, map_fn, log, actors)
         log(f"[{phase.name}] {describe(key, res)}")
         if s["baselines"]:
             def run_methods(weights, methods):
-                return evaluate(weights, {**s, "methods": methods}, job.storage_options, job.num_workers, map_fn, log)
+                return evaluate(weights, {**s, "methods": methods}, job.storage_options, job.num_workers, map_fn, log,
+                                actors)
             res["baselines"] = baselines.yardsticks(sd, run_methods, s, layout, log)
             for name, base in res["baselines"].items():
                 log(f"[{phase.name}]   yardstick {describe(name, base)}")

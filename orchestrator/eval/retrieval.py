@@ -20,10 +20,10 @@ import torch
 
 from orchestrator.data import edits
 from orchestrator.eval import features
+from orchestrator.pipeline.schema import EvalCfg
 
-QUERIES = 500        # query images (the first of the test split)
-COPIES = 3           # edited copies of each query in the database
-DISTRACTORS = 2000   # further test images in the database, relevant to no query
+# query images, edited copies of each, distractor images: the job schema's defaults
+QUERIES, COPIES, DISTRACTORS = (getattr(EvalCfg(), f"retrieval_{name}") for name in ("queries", "copies", "distractors"))
 
 
 def embed_with_copies(weights, items, image_size: int, batch_size: int, storage_options: dict | None,

@@ -153,18 +153,84 @@ class EvalCfg:
     retrieval_distractors: int = 2000  # further test images in the database, relevant to no query
 
 
+# curation (kind: curate; orchestrator/curate, docs/curation.md). [paper] = DINOv2 sec. 3 and appendix A;
+# [Vo] = Vo et al. 2024, clustering-based curation.
+@dataclass
+class CurateEmbedderCfg:
+    weights: str = ""        # phase:NAME (that phase's final/) or an exported dinov2-named file / final/ folder URL
+    image_size: int = 0      # pixels; 0 = the weights' training size; must be a multiple of the patch size
+    batch_size: int = 256    # images per forward pass in each embedding actor (memory bound, not a recipe value)
+
+
+@dataclass
+class CurateSearchCfg:
+    index: Literal["auto", "flat", "ivfpq"] = "auto"  # auto: exact Flat up to flat_max vectors, else IVF-PQ (paper: IVF-PQ)
+    flat_max: int = 1_000_000  # exact k-NN graph is O(n^2 d): ~8e14 flops at 1M x 384-d; IVF-PQ above
+    nlist: int = 0             # IVF lists; 0 = ~4 sqrt(n) (faiss's guideline for 1M-100M vectors)
+    pq_m: int = 0              # PQ sub-quantisers (8 bits each); 0 = dim / 4 (a divisor of dim)
+    nprobe: int = 0            # lists visited per query; 0 = max(8, nlist / 16)
+
+
+@dataclass
+class CurateDedupCfg:
+    enabled: bool = True           # self-deduplication of the pool (DINOv2 sec. 3 "Image deduplication")
+    k: int = 64                    # neighbours per image in the k-NN graph (DINOv2 app. A.2: k = 64)
+    threshold: float = 0.6         # cosine above which two pool images are copies (DINOv2 app. A.2: 0.6)
+    exclude_threshold: float = 0.45  # cosine to an exclude-set image that drops a component (DINOv2 app. A.2: 0.45)
+
+
+@dataclass
+class CurateSeedSetCfg:
+    name: str = ""                 # label recorded in index.json for the images this set retrieves
+    url: str = ""                  # shard folder (index.json) of the seed images, e.g. an ImageNet-1k train split
+    mode: Literal["sample", "cluster"] = "sample"  # sample: large seed sets; cluster: small ones (DINOv2 sec. 3)
+    k: int = 4                     # sample: pool images per seed image (DINOv2 app. A.3: 4 or 32)
+    per_cluster: int = 10000       # cluster: most images one cluster gives (DINOv2 app. A.3: 10,000)
+    min_seed_hits: int = 3         # cluster: seed images a cluster must hold to be used (DINOv2 app. A.3: 3)
+
+
+@dataclass
+class CurateRetrieveCfg:
+    seeds: list[CurateSeedSetCfg] = field(default_factory=list)  # none = keep every deduplicated image
+    n_clusters: int = 100000       # cluster mode: spherical k-means clusters of the pool (DINOv2 app. A.3: 100,000)
+    kmeans_iters: int = 20         # k-means iterations (faiss's default is 25; 20 converges on our sizes)
+
+
+@dataclass
+class CurateBalanceCfg:
+    target: int = 0                # images after balancing; 0 = no balancing (Vo et al. 2024)
+    levels: list[int] = field(default_factory=lambda: [1000, 100])  # clusters per level, finest first (Vo et al.: 4 levels)
+    resample_steps: int = 3        # re-fits per level on points resampled evenly from clusters (Vo et al. sec. 4)
+
+
+@dataclass
+class CurateCfg:
+    pool: str = ""                 # shard folder of the uncurated images (index.json)
+    exclude: list[str] = field(default_factory=list)  # shard folders of evaluation sets: nothing near them is kept
+    embedder: CurateEmbedderCfg = field(default_factory=CurateEmbedderCfg)  # self-supervised: retrieval, balance
+    copy_embedder: CurateEmbedderCfg = field(default_factory=CurateEmbedderCfg)  # copy detection; weights "" = embedder
+    actors: tuple[int, int] = (1, 2)  # embedding actor pool (min, max); one GPU each when use_gpu
+    search: CurateSearchCfg = field(default_factory=CurateSearchCfg)
+    dedup: CurateDedupCfg = field(default_factory=CurateDedupCfg)
+    retrieve: CurateRetrieveCfg = field(default_factory=CurateRetrieveCfg)
+    balance: CurateBalanceCfg = field(default_factory=CurateBalanceCfg)
+    samples_per_shard: int = 1000  # images per output shard (as `dinoray shards build`)
+    seed: int = 0                  # k-means, IVF training and per-cluster sampling
+
+
 @dataclass
 class PhaseSpec:
     name: str                                           # unique; names the phase's folder
-    kind: Literal["pretrain", "highres", "distill", "eval", "export"]
+    kind: Literal["pretrain", "highres", "distill", "eval", "export", "curate"]
     steps: int = 0                                      # optimiser steps (training phases)
     from_phase: Optional[str] = None   # highres: init; distill: frozen teacher; eval/export: weights
     students: list[str] = field(default_factory=list)  # distill: student archs, trained one after another
-    export_format: Literal["dinov2", "timm", "safetensors"] = "dinov2"  # export: output format
+    export_format: Literal["dinov2", "hf", "safetensors"] = "dinov2"  # export: output format (docs/eval.md; timm reads dinov2)
     model: dict[str, Any] = field(default_factory=dict)   # partial overrides of the job's sections
     crops: dict[str, Any] = field(default_factory=dict)
     optim: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    curate: Optional[CurateCfg] = None                  # curate: its settings (required there, refused elsewhere)
 
 
 @dataclass

@@ -22,9 +22,11 @@ def validate(job: JobSpec) -> None:
         _check_order(job, i, phase, seen)
         seen[phase.name] = i
         _check_phase(job, i, phase)
+        _check_curate(job, i, phase, seen)
         rp = resolve(job, phase)
         _check_crops(rp, f"phases[{i}]")
         _check_optim(rp, f"phases[{i}]")
+        _check_eval(rp, f"phases[{i}]")
         _check_losses(rp, f"phases[{i}]")
 
 
@@ -91,6 +93,24 @@ def _check_crops(rp: ResolvedPhase, where: str) -> None:
             fail(src, _key(phase, where, "crops", key), f"({lo}, {hi}) must satisfy 0 < min <= max <= 1")
 
 
+def _check_eval(rp: ResolvedPhase, where: str) -> None:
+    """The eval settings a phase of kind eval uses (orchestrator/eval/, docs/eval.md)."""
+    src, phase, ev = rp.job.source, rp.phase, rp.eval
+    if phase.kind != "eval":
+        return
+    if not ev.methods:
+        fail(src, _key(phase, where, "eval", "methods"), "list at least one of knn, linear, retrieval")
+    if "linear" in ev.methods and (ev.linear_epochs < 1 or not ev.linear_lrs or min(ev.linear_lrs) <= 0):
+        fail(src, _key(phase, where, "eval", "linear_epochs"),
+             f"the linear probe needs linear_epochs >= 1 (got {ev.linear_epochs}) and positive linear_lrs "
+             f"(got {ev.linear_lrs})")
+    if "retrieval" in ev.methods and (ev.retrieval_queries < 1 or ev.retrieval_copies < 1
+                                      or ev.retrieval_distractors < 0):
+        fail(src, _key(phase, where, "eval", "retrieval_queries"),
+             f"retrieval needs retrieval_queries >= 1, retrieval_copies >= 1 and retrieval_distractors >= 0 "
+             f"(got {ev.retrieval_queries}, {ev.retrieval_copies}, {ev.retrieval_distractors})")
+
+
 def _check_optim(rp: ResolvedPhase, where: str) -> None:
     src, phase, optim, workers = rp.job.source, rp.phase, rp.optim, rp.job.num_workers
     if optim.batch_size % workers:
@@ -120,3 +140,42 @@ def _check_losses(rp: ResolvedPhase, where: str) -> None:
                                         or model.feature_loss_weight):
         fail(src, f"{where}.model", "dino_loss_weight, ibot_loss_weight and feature_loss_weight are all 0: "
              "nothing to distil; set one of them above 0")
+
+
+def _check_curate(job: JobSpec, i: int, phase: PhaseSpec, seen: dict[str, int]) -> None:
+    """A curate phase's settings (orchestrator/curate, docs/curation.md); refused on other kinds."""
+    src, where, cur = job.source, f"phases[{i}]", phase.curate
+    if phase.kind != "curate":
+        if cur is not None:
+            fail(src, f"{where}.curate", f"only a curate phase takes curate settings (this one is {phase.kind})")
+        return
+    if cur is None or not cur.pool:
+        fail(src, f"{where}.curate.pool", "a curate phase needs curate.pool: the shard folder of the images to curate")
+    for key in ("embedder", "copy_embedder"):
+        weights = getattr(cur, key).weights
+        if key == "embedder" and not weights:
+            fail(src, f"{where}.curate.embedder.weights", "name the embedder: phase:NAME (an earlier phase's "
+                 "final/) or the URL of an exported dinov2-named backbone")
+        if weights.startswith("phase:") and weights[len("phase:"):] not in seen:
+            fail(src, f"{where}.curate.{key}.weights", f"'{weights}' names no earlier phase (earlier: {list(seen)})")
+    for key in ("threshold", "exclude_threshold"):
+        value = getattr(cur.dedup, key)
+        if not 0 < value <= 1:
+            fail(src, f"{where}.curate.dedup.{key}", f"{value} is outside (0, 1]: it is a cosine similarity")
+    lo, hi = cur.actors
+    if cur.dedup.k < 1 or cur.samples_per_shard < 1 or not 1 <= lo <= hi:
+        fail(src, f"{where}.curate", "dedup.k and samples_per_shard must be >= 1, actors (min, max) with 1 <= min <= max")
+    names: set[str] = set()
+    for j, seed_set in enumerate(cur.retrieve.seeds):
+        at = f"{where}.curate.retrieve.seeds[{j}]"
+        if not seed_set.name or seed_set.name in names:
+            fail(src, f"{at}.name", "every seed set needs its own name: index.json records which set kept each "
+                 f"image (got {seed_set.name!r}; names so far {sorted(names)})")
+        names.add(seed_set.name)
+        if not seed_set.url:
+            fail(src, f"{at}.url", "give the shard folder (index.json) of the seed images")
+        for key in ("k", "per_cluster", "min_seed_hits"):
+            if getattr(seed_set, key) < 1:
+                fail(src, f"{at}.{key}", f"must be >= 1, got {getattr(seed_set, key)}")
+    if cur.balance.target < 0 or any(k < 1 for k in cur.balance.levels) or not cur.balance.levels:
+        fail(src, f"{where}.curate.balance", "target must be >= 0 and levels a non-empty list of cluster counts >= 1")
