@@ -67,7 +67,7 @@ def _add_pipeline(sub) -> None:
 
 def _add_shards(sub) -> None:
     shards = sub.add_parser("shards", help="build / verify WebDataset shards", formatter_class=_Formatter)
-    ssub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND")
+    ssub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", help="what to do with shards")
     p = ssub.add_parser("build", help="images (folder, .tar or list file) -> DST/shard-*.tar + index.json",
                         formatter_class=_Formatter)
     p.add_argument("src", help="image folder (class subfolders become labels), a .tar, or a file listing paths/URLs")
@@ -83,7 +83,7 @@ def _add_shards(sub) -> None:
     p.add_argument("dst", help="shard folder (or its index.json): local path or fsspec URL")
     p.add_argument("--workers", type=int, default=4, help="shards checked in parallel")
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_Formatter)
-    bsub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", help="what to measure")
     p = bsub.add_parser("data", help="multi-crop loader images/s on shards (total and per core)",
                         formatter_class=_Formatter)
     p.add_argument("url", help="shard folder or index.json (local path or fsspec URL)")
@@ -104,7 +104,7 @@ def _eval_common(p: argparse.ArgumentParser, defaults: EvalCfg) -> None:
 def _add_eval(sub) -> None:
     defaults = EvalCfg()
     ev = sub.add_parser("eval", help="evaluate a backbone", formatter_class=_Formatter)
-    esub = ev.add_subparsers(dest="eval_command", metavar="METHOD")
+    esub = ev.add_subparsers(dest="eval_command", metavar="METHOD", help="the evaluation to run")
     p = esub.add_parser("knn", help="weighted k-NN on labelled shards", formatter_class=_Formatter)
     _eval_common(p, defaults)
     p.add_argument("--train", required=True, help="labelled shards URL (memory bank)")
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinoray", description="Train DINOv2 backbones on Ray.",
                                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="run `dinoray COMMAND --help` for its arguments")
     _add_pipeline(sub)
     _add_shards(sub)
     _add_eval(sub)
