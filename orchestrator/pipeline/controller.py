@@ -10,33 +10,47 @@ runner, `RUNNERS[kind](job, phase, layout, log) -> dict(step?, checkpoint?, metr
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 
 from orchestrator.layout import RunLayout, phase_keys
-from orchestrator.pipeline import config, state
+from orchestrator.pipeline import config, console, state
 from orchestrator.pipeline.state import PipelineError
 
 
-def connect_ray(job):
-    """Attach to RAY_ADDRESS's cluster, or start a local Ray exporting metrics on the job's port."""
+def connect_ray(job, verbose: bool = False):
+    """Attach to RAY_ADDRESS's cluster, or start a local Ray exporting metrics on the job's port (its
+    session logs linked as {run}/logs/ray). Ray's own output reaches the console only with --verbose."""
     import ray
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, _metrics_export_port=job.metrics.export_port)
+        local = not os.environ.get("RAY_ADDRESS")
+        if local:
+            console.local_ray_env(os.environ)
+        extra = {"_metrics_export_port": job.metrics.export_port} if local else {}
+        context = ray.init(**console.ray_init_kwargs(verbose, local), **extra)
+        if local:
+            console.link_ray_logs(RunLayout.of(job), context.address_info.get("session_dir"))
     return ray
 
 
 # --------------------------------------------------------------------------- runners
-def run_training(job, phase, layout: RunLayout, log) -> dict:
+def run_training(job, phase, layout: RunLayout, log, verbose: bool = False) -> dict:
+    """Each phase folder (distill: each student) as one Ray Train run, with its progress line; a worker's
+    failure is reported as its own error and the path of its log."""
     from orchestrator.training import driver
     results = {}
     for key, arch in zip(phase_keys(phase), phase.students or [None]):
         log(f"[{phase.name}] training {key}" + (f" (student {arch})" if arch else ""))
-        results[key] = driver.run_phase(job, phase.name, student_arch=arch)
+        try:
+            with console.PhaseProgress(layout.phase(key), phase.steps, key, verbose=verbose):
+                results[key] = driver.run_phase(job, phase.name, student_arch=arch)
+        except Exception as exc:
+            failed = console.worker_failure(exc, layout, key)
+            if failed is None:
+                raise
+            raise PipelineError(f"[{phase.name}] {key}: a training worker failed\n{failed}") from None
     last = list(results.values())[-1]
     return {"step": last.get("step", phase.steps), "checkpoint": last.get("checkpoint"),
             "metrics": {key: res.get("metrics", {}) for key, res in results.items()},
@@ -106,8 +120,9 @@ def _preflight(job, run_state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- the pipeline
-def run_pipeline(job, restart_from: str | None = None, log=print) -> dict:
-    """Run every phase of JOB that is not done yet; returns the final pipeline state."""
+def run_pipeline(job, restart_from: str | None = None, log=print, verbose: bool = False) -> dict:
+    """Run every phase of JOB that is not done yet; returns the final pipeline state. `verbose`: Ray's
+    and the workers' own output on the console too (it is always in {run}/logs/)."""
     layout = RunLayout.of(job)
     lock = state.RunLock(layout)
     lock.acquire()
@@ -118,8 +133,8 @@ def run_pipeline(job, restart_from: str | None = None, log=print) -> dict:
         _refuse_changed_configs(job, run_state)   # before taking any Ray resource
         _preflight(job, run_state)
         state.save(layout, run_state)
-        connect_ray(job)
-        _run_phases(job, layout, run_state, log)
+        connect_ray(job, verbose)
+        _run_phases(job, layout, run_state, log, verbose)
         from orchestrator.pipeline import report
         run_state["report"] = report.write_report(job, layout, run_state)
         state.save(layout, run_state)
@@ -128,7 +143,7 @@ def run_pipeline(job, restart_from: str | None = None, log=print) -> dict:
         lock.release()
 
 
-def _run_phases(job, layout: RunLayout, run_state: dict, log) -> None:
+def _run_phases(job, layout: RunLayout, run_state: dict, log, verbose: bool) -> None:
     from orchestrator import metrics
     series = metrics.PipelineMetrics(job.name)
     log(f"[dinoray] run {layout.root}; metrics: {metrics.local_scrape_url(job.metrics.export_port)}")
@@ -142,7 +157,10 @@ def _run_phases(job, layout: RunLayout, run_state: dict, log) -> None:
         state.save(layout, run_state)
         series.phase_state(phase.name, phase.kind, "running")
         try:
-            result = RUNNERS[phase.kind](job, phase, layout, log)
+            runner = RUNNERS[phase.kind]
+            if runner is run_training:
+                runner = functools.partial(run_training, verbose=verbose)
+            result = runner(job, phase, layout, log)
         except BaseException as exc:
             entry.update(state="failed", error=f"{type(exc).__name__}: {exc}")
             state.save(layout, run_state)
@@ -188,7 +206,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     job = _load(args)
     try:
-        run_state = run_pipeline(job, restart_from=args.restart_from)
+        run_state = run_pipeline(job, restart_from=args.restart_from, verbose=args.verbose)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
