@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from orchestrator import metrics
 from orchestrator.layout import RunLayout
 from orchestrator.pipeline import console
@@ -39,10 +41,14 @@ def test_plain_lines_every_tenth_of_the_phase_and_at_the_end(tmp_path):
         (phase.checkpoint(8) / "rank-0.pt").write_bytes(b"x")
         phase.committed(phase.checkpoint(8)).write_json({"step": 8})
         record(phase, 10, 40)
+        bar.poll()                                      # the last step, before its checkpoint commits
+        (phase.checkpoint(40) / "rank-0.pt").write_bytes(b"x")
+        phase.committed(phase.checkpoint(40)).write_json({"step": 40})
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[pretrain] step 9/40  256.0 img/s  ETA ") and "loss 9" in lines[0], lines
-    assert lines[0].endswith("no ckpt yet") and lines[-1].startswith("[pretrain] step 40/40  256.0 img/s  loss 9")
-    assert lines[-1].endswith("ckpt step 8") and len(lines) == 2, lines
+    assert lines[0].endswith("no ckpt yet") and lines[1].startswith("[pretrain] step 40/40  256.0 img/s  loss 9")
+    assert lines[1].endswith("ckpt step 8") and lines[2].endswith("step 40/40  256.0 img/s  loss 9  ckpt step 40")
+    assert len(lines) == 3, lines
 
 
 def test_terminal_bar_updates_in_place(tmp_path):
@@ -124,3 +130,25 @@ def test_ray_logs_link_under_the_run(tmp_path):
     env = {}
     console.local_ray_env(env)
     assert env == {"RAY_AUTH_MODE": "token"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_failing_worker_shows_its_own_error_and_log_path(tmp_path, cifar_shards):
+    """Rank 0 poisons its first batch (debug hook) and fails on the non-finite loss with no rollback
+    budget: the console names the worker's FloatingPointError and its log, not Ray's wrapper."""
+    sets = ["model.arch=vit_pico", "optim.batch_size=16", "optim.min_lr=1e-6", "optim.warmup_iters=0",
+            "optim.teacher_temp_warmup_iters=0", "optim.freeze_last_layer_iters=0", "phases.pretrain.steps=3",
+            "debug.nan_steps=[0]", "failure.nonfinite_max_consecutive=1", "failure.max_rollbacks=0",
+            "failure.max_failures=0", f"storage={tmp_path}", f"data.train={cifar_shards['train']}",
+            f"data.eval_train={cifar_shards['train']}", f"data.eval_test={cifar_shards['test']}"]
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "jobs/smoke_cpu.yaml",
+                          *[a for s in sets for a in ("--set", s)]], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    out = res.stdout + res.stderr
+    log = tmp_path / "smoke" / "logs" / "pretrain" / "rank0.log"
+    assert res.returncode != 0, out
+    assert "rank 0: FloatingPointError: step 1: 1 consecutive non-finite steps" in out, out
+    assert f"full log: {log}" in out and "Traceback" not in out, out
+    text = log.read_text()
+    assert "Traceback" in text and "FloatingPointError: step 1" in text, text

@@ -85,17 +85,25 @@ def checkout_copy(dst: Path, shards: dict) -> Path:
 
 
 def stop_cluster(ray_tmp: str) -> None:
-    """Stop the `ray start --head` of the README by its processes (those started under its RAY_TMPDIR),
-    not `ray stop`, which would stop every Ray on the machine."""
+    """Stop the README's `ray start --head` by its processes (those started with its RAY_TMPDIR in
+    their command line, and their children), not by `ray stop`, which stops every Ray on the machine."""
     def ours():
-        pids = []
+        parents, pids = {}, set()
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if ray_tmp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(int(pid))
-            except OSError:
+                state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if state == "Z":  # exited, waiting to be reaped: nothing to stop
+                    continue
+                parents[int(pid)] = int(parent)
+                if int(pid) != os.getpid() and ray_tmp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.add(int(pid))
+            except (OSError, IndexError, ValueError):
                 continue
-        return pids
+        while True:
+            children = {pid for pid, parent in parents.items() if parent in pids} - pids
+            if not children:
+                return pids
+            pids |= children
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in ours():
             with contextlib.suppress(ProcessLookupError):
@@ -106,8 +114,9 @@ def stop_cluster(ray_tmp: str) -> None:
 
 
 def poll_status(run: Path, proc, seen: list) -> None:
-    """`dinoray status RUN --json` every few seconds while the job runs, until pretrain is done."""
-    while proc.poll() is None:
+    """`dinoray status RUN --json` every few seconds while the job runs, until pretrain has shown a
+    committed checkpoint (or is done): (step, checkpoint_step) of each poll that found it running."""
+    while proc.poll() is None and not any(ckpt is not None for _, ckpt in seen):
         res = subprocess.run([BIN / "dinoray", "status", str(run), "--json"], capture_output=True, text=True)
         if res.returncode == 0:
             pretrain = json.loads(res.stdout)["phases"][0]
@@ -115,7 +124,7 @@ def poll_status(run: Path, proc, seen: list) -> None:
                 return
             if pretrain["state"] == "running":
                 seen.append((pretrain["step"], pretrain.get("checkpoint_step")))
-        time.sleep(3)
+        time.sleep(4)
 
 
 def test_smoke_pipeline_end_to_end_via_the_readme_cluster_commands(tmp_path, cifar_shards):

@@ -38,6 +38,10 @@ REMOTE_POLL_S = 5.0       # and an object store's (metrics.jsonl is uploaded at 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"   # Ray's switch for token authentication ("token" or "disabled")
 
 
+def _mark(p: dict) -> tuple:
+    return p["step"], p["checkpoint_step"]
+
+
 def _is_tty(stream) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
@@ -53,7 +57,7 @@ class PhaseProgress:
         self.poll_s = poll_s if poll_s is not None else (POLL_S if phase.root.is_local else REMOTE_POLL_S)
         self.every = max(1, math.ceil(steps / LINES_PER_PHASE))
         self.last = None           # the last progress record read
-        self._printed_step = -1
+        self._printed = (-1, None)   # (step, checkpoint_step) of the last plain line
         self._offsets: dict[str, int] = {}
         self._bar = None
         self._stop = threading.Event()
@@ -73,8 +77,8 @@ class PhaseProgress:
         self.poll()
         if self._bar is not None:
             self._bar.close()
-        elif self.last is not None and self.last["step"] != self._printed_step and self.last["step"] > 0:
-            self._line(self.last)
+        elif self.last is not None and self.last["step"] > 0 and _mark(self.last) != self._printed:
+            self._line(self.last)  # the last step, or a checkpoint committed after it was printed
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -93,13 +97,13 @@ class PhaseProgress:
             self._bar.n = min(p["step"], self.steps)
             self._bar.set_postfix_str(progress.describe(p).split("  ", 1)[-1], refresh=False)
             self._bar.refresh()
-        elif p["step"] // self.every > max(self._printed_step, 0) // self.every or (
-                p["step"] == self.steps and self._printed_step != self.steps):
+        elif p["step"] // self.every > max(self._printed[0], 0) // self.every or (
+                p["step"] == self.steps and self._printed[0] != self.steps):
             self._line(p)
         return p
 
     def _line(self, p: dict) -> None:
-        self._printed_step = p["step"]
+        self._printed = _mark(p)
         print(f"[{self.label}] {progress.describe(p)}", file=self.stream, flush=True)
 
     def _echo_worker_logs(self) -> None:
