@@ -19,8 +19,8 @@ from orchestrator.curate import graph
 def self_dedup(emb: np.ndarray, ok: np.ndarray, cfg, search, seed: int = 0) -> dict:
     """-> {"keep": bool [n], "component": int [n], "duplicates": int, "index": {...}} (undecodable rows dropped)."""
     index, desc = graph.make_index(emb, search, seed)
-    sims, ids = graph.knn(index, emb, cfg.k + 1)  # +1: each image finds itself
-    comp = graph.components(len(emb), sims, ids, cfg.threshold)
+    rows, cols = graph.edges(index, emb, cfg.k + 1, cfg.threshold)  # +1: each image finds itself
+    comp = graph.components(len(emb), rows, cols)
     keep = (comp == np.arange(len(emb))) & ok
     return {"keep": keep, "component": comp, "duplicates": int(ok.sum() - keep.sum()), "index": desc}
 
@@ -33,8 +33,8 @@ def relative_dedup(emb: np.ndarray, comp: np.ndarray, keep: np.ndarray, exclude:
     if not len(exclude):
         return {"keep": keep.copy(), "dropped_components": 0, "hits": 0}
     index, _ = graph.make_index(emb, search, seed)
-    sims, ids = graph.knn(index, exclude, cfg.k)
-    hit = np.unique(ids[(sims > cfg.exclude_threshold) & (ids >= 0)])
+    _, hit = graph.edges(index, exclude, cfg.k, cfg.exclude_threshold)
+    hit = np.unique(hit)
     bad = np.unique(comp[hit])
     out = keep & ~np.isin(comp, bad)
     return {"keep": out, "dropped_components": int(len(bad)), "hits": int(len(hit))}

@@ -1,6 +1,6 @@
 """Embed a shard set with Ray Data, one fp16 `.npy` + keys file per shard, resumable by shard.
 
-    read shards (one block per shard) -> decode + resize on CPU tasks (`flat_map`)
+    read shards (one block per shard) -> decode + resize on CPU tasks (`map_batches`, one shard per call)
     -> embed with an actor pool (`map_batches`, concurrency=(min, max), one GPU per actor when there are GPUs)
     -> the driver gathers rows per shard and writes `shard-NNNNNN.npy` (fp16, L2-normalised rows) and
     `shard-NNNNNN.keys.json` (keys, labels, which rows decoded); the keys file is written last, so a shard
@@ -46,27 +46,35 @@ def shard_list(src: Store) -> tuple[list[tuple[str, int]], Store, dict]:
 
 
 class _Decode:
-    """flat_map: one shard row -> one row per sample (uint8 HxWx3 image at `size`, or a zero image
-    with ok=False when the sample is lost or does not decode)."""
+    """map_batches (one shard per batch): the shard's samples as arrays, images uint8 [n, size, size, 3]
+    (a zero image with ok=False for a sample that is lost or does not decode)."""
 
     def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, row: dict):
+    def __call__(self, batch: dict) -> dict:
         from orchestrator.eval import features
-        shard = Store(row["url"], json.loads(row["options"]))
+        cols = {"shard": [], "pos": [], "key": [], "label": [], "ok": [], "image": []}
         blank = np.zeros((self.size, self.size, 3), np.uint8)
-        for pos, sample in enumerate(samples.read_shard(shard, 0, int(row["count"]))):
-            img = samples.sample_image(sample) if sample is not None else None
-            image, ok = blank, False
-            if img is not None:
-                try:
-                    image, ok = features.to_tensor(img[1], self.size).permute(1, 2, 0).numpy(), True
-                except Exception:  # noqa: BLE001 - an undecodable image is recorded, never embedded
-                    pass
-            label = int(sample["cls"]) if sample is not None and "cls" in sample else -1
-            key = sample["__key__"] if sample is not None else f"lost-{pos}"
-            yield {"shard": row["name"], "pos": pos, "key": key, "label": label, "ok": ok, "image": image}
+        for url, options, name, count in zip(batch["url"], batch["options"], batch["name"], batch["count"]):
+            shard = Store(str(url), json.loads(str(options)))
+            for pos, sample in enumerate(samples.read_shard(shard, 0, int(count))):
+                img = samples.sample_image(sample) if sample is not None else None
+                image, ok = blank, False
+                if img is not None:
+                    try:
+                        image, ok = features.to_tensor(img[1], self.size).permute(1, 2, 0).numpy(), True
+                    except Exception:  # noqa: BLE001 - an undecodable image is recorded, never embedded
+                        pass
+                cols["shard"].append(str(name))
+                cols["pos"].append(pos)
+                cols["key"].append(sample["__key__"] if sample is not None else f"lost-{pos}")
+                cols["label"].append(int(sample["cls"]) if sample is not None and "cls" in sample else -1)
+                cols["ok"].append(ok)
+                cols["image"].append(image)
+        out = {k: np.array(v) for k, v in cols.items() if k != "image"}
+        out["image"] = np.stack(cols["image"]) if cols["image"] else np.zeros((0, self.size, self.size, 3), np.uint8)
+        return out
 
 
 class _Embedder:
@@ -96,7 +104,8 @@ def _write_shard(folder: Store, name: str, rows: list[dict], set_url: str) -> No
 def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_size: int = 256,
               concurrency: tuple[int, int] = (1, 2), use_gpu: bool = False, log=print, on_rate=None,
               batch_sleep_s: float = 0.0) -> dict:
-    """Embed every shard of `src` that `out` has no keys file for; -> {"shards", "embedded", "images", "seconds"}.
+    """Embed every shard of `src` that `out` has no keys file for; -> {"shards", "embedded", "images", "seconds",
+    "steady_img_s" (images/s after the first shard: without actor start-up)}.
     `on_rate(images_per_s, n)` is called after each written shard of n images (the Prometheus gauge)."""
     import ray
     shards, folder, _ = shard_list(src)
@@ -105,14 +114,14 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
     log(f"[curate] embed {storage.redact(src.url)}: {len(todo)} of {len(shards)} shards to embed "
         f"({len(shards) - len(todo)} already done), {size} px")
     if not todo:
-        return {"shards": len(shards), "embedded": 0, "images": 0, "seconds": 0.0}
-    t0, done, images = time.time(), 0, 0
+        return {"shards": len(shards), "embedded": 0, "images": 0, "seconds": 0.0, "steady_img_s": None}
+    t0, done, images, first = time.time(), 0, 0, (0.0, 0)
     items = [{"url": (folder / name).url, "options": json.dumps(folder.options), "name": name, "count": n}
              for name, n in todo]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own per-shard log lines say the same, once per shard
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(_Decode(size))
+    ds = ds.map_batches(_Decode(size), batch_size=1, batch_format="numpy")
     ds = ds.map_batches(_Embedder, fn_constructor_args=(weights.url, json.dumps(weights.options)),
                         batch_size=batch_size, concurrency=tuple(concurrency), num_gpus=1 if use_gpu else 0,
                         batch_format="numpy")
@@ -125,6 +134,8 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
             if len(rows) == expected[str(row["shard"])]:
                 _write_shard(out, str(row["shard"]), pending.pop(str(row["shard"])), src.url)
                 done, images = done + 1, images + len(rows)
+                if done == 1:
+                    first = (time.time(), images)  # steady state starts once the actors are up
                 rate = images / max(time.time() - t0, 1e-6)
                 log(f"[curate] embedded {done}/{len(todo)} shards, {images} images, {rate:.0f} img/s")
                 if on_rate:
@@ -134,7 +145,10 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
     if pending:
         raise RuntimeError(f"{storage.redact(src.url)}: shards {sorted(pending)} returned fewer rows than index.json "
                            "lists; run `dinoray shards verify` on it")
-    return {"shards": len(shards), "embedded": done, "images": images, "seconds": round(time.time() - t0, 2)}
+    end = time.time()
+    steady = (images - first[1]) / (end - first[0]) if done > 1 and end > first[0] else None
+    return {"shards": len(shards), "embedded": done, "images": images, "seconds": round(end - t0, 2),
+            "steady_img_s": round(steady, 1) if steady else None}
 
 
 def load_set(src: Store, out: Store) -> dict:

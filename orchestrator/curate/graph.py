@@ -3,8 +3,9 @@
 - `make_index(dim, n, cfg)`: exact `IndexFlatIP` up to `cfg.flat_max` vectors, else IVF-PQ with
   `nlist`, `pq_m`, `nprobe` derived from the pool size unless set (`ivfpq_params`).
 - `knn(base, queries, k, cfg)`: (similarities, ids) of the k nearest base vectors of each query.
-- `components(n, sims, ids, threshold)`: union-find over the edges with similarity > threshold;
-  -> component id per vector (the smallest member index: deterministic).
+- `edges(index, queries, k, threshold)`: the k-NN pairs above a similarity, filtered per search chunk.
+- `components(n, a, b)`: connected components of those edges -> component id per vector (the smallest
+  member index: deterministic).
 - `spherical_kmeans(x, k, iters, seed)`: faiss k-means on the unit sphere -> (centroids, assignment).
 
 No entrypoint; used by orchestrator.curate.dedup / retrieve / balance and bench/curate.py.
@@ -62,12 +63,25 @@ def knn(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(sims), np.concatenate(ids)
 
 
-def components(n: int, sims: np.ndarray, ids: np.ndarray, threshold: float) -> np.ndarray:
-    """Component id of each of n vectors in the graph of edges (row, ids[row, j]) with sims > threshold.
+def edges(index, queries: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(query rows, base ids) of the k-NN pairs with similarity > threshold, filtered chunk by chunk so
+    the full [n, k] result never exists at once (at 100M x 64 it would take 77 GB)."""
+    rows, cols = [], []
+    k = min(k, index.ntotal)
+    for start in range(0, len(queries), SEARCH_CHUNK):
+        sims, ids = index.search(np.ascontiguousarray(queries[start:start + SEARCH_CHUNK]), k)
+        r, c = np.nonzero((sims > threshold) & (ids >= 0))
+        rows.append(r + start)
+        cols.append(ids[r, c])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component id of each of n vectors in the graph of edges (a[i], b[i]) (see `edges`).
     The id is the smallest index in the component (independent of edge order). Vectorised min-label
     propagation with pointer jumping: O(edges) numpy work per round, O(log n) rounds in practice."""
-    rows, cols = np.nonzero((sims > threshold) & (ids >= 0))
-    a, b = rows.astype(np.int64), ids[rows, cols].astype(np.int64)
     label = np.arange(n)
     while True:
         low = np.minimum(label[a], label[b])

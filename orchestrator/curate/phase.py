@@ -5,7 +5,7 @@
 
 A pipeline phase `kind: curate` (its settings under `curate:`, typed in pipeline/schema.py CurateCfg) or
 a job of its own. Its output, `{storage}/{name}/{phase}/shards/`, is ordinary shards with an index.json:
-a later phase trains on it with `data.train: phase:NAME` (`resolve_data_url`).
+a later phase trains on it with `data.train: phase:NAME` (resolved in pipeline/config.py).
 
 Resume: embeddings are committed per shard; every later stage writes one file under `stages/` when it
 finishes (with the hash of the settings it used); output shards are committed one by one. A rerun
@@ -32,20 +32,7 @@ STAGES = ("embed", "dedup", "exclude", "retrieve", "balance", "write")
 PHASE_PREFIX = "phase:"
 
 
-# --------------------------------------------------------------------------- phase:NAME
-def resolve_data_url(job, url: str) -> str:
-    """`phase:NAME` -> the URL of curate phase NAME's output shards; any other URL unchanged."""
-    if not url.startswith(PHASE_PREFIX):
-        return url
-    name = url[len(PHASE_PREFIX):]
-    kinds = {p.name: p.kind for p in job.phases}
-    if kinds.get(name) != "curate":
-        curate = [n for n, k in kinds.items() if k == "curate"]
-        raise ValueError(f"{job.source}: {url!r}: '{name}' is not a curate phase of this job "
-                         f"(curate phases: {curate}); name one, or give a shard URL")
-    return RunLayout.of(job).phase(name).curate_shards.url
-
-
+# --------------------------------------------------------------------------- inputs
 def _weights(job, layout: RunLayout, cfg) -> Store:
     """The embedder's weights: `phase:NAME` is that phase's final/ folder."""
     if cfg.weights.startswith(PHASE_PREFIX):
@@ -185,6 +172,16 @@ class _RetrieveView:
         self.kmeans_iters, self.search = cfg.retrieve.kmeans_iters, cfg.search
 
 
+def _preflight(job, phase, layout: RunLayout) -> None:
+    """Refuse a bad embedder size or an empty / missing input set before Ray starts."""
+    cfg = phase.curate
+    for emb_cfg in (cfg.embedder, cfg.copy_embedder):
+        if emb_cfg.weights:
+            embed.check_embedder(_weights(job, layout, emb_cfg), emb_cfg.image_size)
+    for url in [cfg.pool, *cfg.exclude, *(s.url for s in cfg.retrieve.seeds)]:
+        embed.shard_list(Store(url, job.storage_options))
+
+
 def _items(pool: dict, reasons: dict[str, dict], selected: np.ndarray) -> list[dict]:
     """Output items in pool order, new keys 000000000..."""
     return [{"key": f"{j:09d}", "shard": str(pool["shard"][i]), "pos": int(pool["pos"][i]),
@@ -202,6 +199,7 @@ def _connect_ray(job):
 def run_curate(job, phase, layout: RunLayout, log=print) -> dict:
     """Run (or resume) curate phase `phase` of `job`; -> {"metrics": {"counts": ..., "shards": URL}}."""
     cfg, pdir = phase.curate, layout.phase(phase.name)
+    _preflight(job, phase, layout)
     ray = _connect_ray(job)
     progress = _Progress(job.name, phase.name, log)
     config = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
