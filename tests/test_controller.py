@@ -74,3 +74,26 @@ def test_validate_cli_reports_the_key(tmp_path):
     bad.write_text(json.dumps({**JOB, "storage": str(tmp_path), "optim": {"batch_size": 8, "base_rl": 1}}))
     res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2 and "optim.base_rl: unknown key; did you mean 'optim.base_lr'?" in res.stderr
+
+
+@pytest.mark.ray
+def test_local_paths_are_refused_on_a_two_node_cluster(tmp_path):
+    """A local storage path on a real 2-node Ray cluster (two raylets, one head) is refused with the
+    key and the fix; `storage_shared: true` (an NFS/Lustre mount) or object storage is accepted."""
+    import ray
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        job = make_job(tmp_path)
+        with pytest.raises(controller.PipelineError) as err:
+            controller._refuse_node_local_paths(job, ray)
+        assert "storage:" in str(err.value) and "2 nodes" in str(err.value) and "storage_shared: true" in str(err.value)
+        controller._refuse_node_local_paths(make_job(tmp_path, ["storage_shared=true"]), ray)
+        remote = make_job(tmp_path, ["storage=s3://bucket/runs", "data.train=s3://bucket/shards"])
+        controller._refuse_node_local_paths(remote, ray)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -119,6 +119,24 @@ def _preflight(job, run_state: dict) -> None:
             raise PipelineError(f"{job.source}: {key}: {exc}") from None
 
 
+def _refuse_node_local_paths(job, ray) -> None:
+    """On more than one node, a local path is a different folder on every node: refuse it unless the
+    job declares it one shared mount."""
+    from orchestrator.storage import Store
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes < 2 or job.storage_shared:
+        return
+    paths = {"storage": job.storage, "data.train": job.data.train, "data.eval_train": job.data.eval_train,
+             "data.eval_test": job.data.eval_test}
+    local = {key: url for key, url in paths.items() if url and Store(url).is_local}
+    if local:
+        key, url = next(iter(local.items()))
+        raise PipelineError(
+            f"{job.source}: {key}: '{url}' is a local path, but the Ray cluster has {nodes} nodes and each "
+            f"would see its own folder (local paths: {sorted(local)}). Use object storage (s3://, gs://), or "
+            f"set storage_shared: true if it is one shared mount (NFS, Lustre) on every node.")
+
+
 # --------------------------------------------------------------------------- the pipeline
 def run_pipeline(job, restart_from: str | None = None, log=print, verbose: bool = False) -> dict:
     """Run every phase of JOB that is not done yet; returns the final pipeline state. `verbose`: Ray's
@@ -133,7 +151,7 @@ def run_pipeline(job, restart_from: str | None = None, log=print, verbose: bool 
         _refuse_changed_configs(job, run_state)   # before taking any Ray resource
         _preflight(job, run_state)
         state.save(layout, run_state)
-        connect_ray(job, verbose)
+        _refuse_node_local_paths(job, connect_ray(job, verbose))
         _run_phases(job, layout, run_state, log, verbose)
         from orchestrator.pipeline import report
         run_state["report"] = report.write_report(job, layout, run_state)

@@ -244,6 +244,7 @@ class JobSpec:
     cpus_per_worker: int = 1
     seed: int = 0                              # model init, data order, augmentations
     storage_options: dict[str, Any] = field(default_factory=dict)  # endpoint etc.; never credentials
+    storage_shared: bool = False               # local storage/data paths are one shared mount (NFS, Lustre) on every node
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     crops: CropsCfg = field(default_factory=CropsCfg)
