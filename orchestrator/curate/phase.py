@@ -1,7 +1,6 @@
 """The curate phase: embed -> deduplicate -> drop what is near the exclude sets -> retrieve -> balance -> write.
 
     dinoray curate JOB [--set phases.curate.dedup.threshold=0.7] [--phase curate]
-    (or: python -m orchestrator.curate.phase JOB [--set ...] [--phase NAME])
 
 A pipeline phase `kind: curate` (its settings under `curate:`, typed in pipeline/schema.py CurateCfg) or
 a job of its own. Its output, `{storage}/{name}/{phase}/shards/`, is ordinary shards with an index.json:
@@ -286,16 +285,3 @@ def cmd_curate(args) -> int:
         return 2
     print(json.dumps(res["metrics"]))
     return 0
-
-
-def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.curate.phase")
-    parser.add_argument("job")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--phase", default=None, help="the curate phase to run (default: the job's only one)")
-    return cmd_curate(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """`dinoray bench data`: multi-crop loader throughput on real shards, total and per CPU core.
 
     dinoray bench data URL [--seconds 20] [--workers 4] [--batch-size 32] [--config crops.yaml] [--json]
-    python -m orchestrator.data.bench URL ...        (same, without the dinoray entrypoint)
 
 URL is a shard folder / index.json on any fsspec URL. By default the job defaults (CropsCfg: 2 x 224 + 8 x 98);
 --config takes a YAML file with a `crops:` mapping (global_size, local_size, n_global, n_local,
@@ -12,7 +11,6 @@ by the CPU cores used: the DataLoader workers, or 1 with --workers 0).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -95,28 +93,3 @@ def cmd_bench(args) -> int:
               f"({res['workers']} workers, {res['images']} images in {res['seconds']} s; crops "
               f"{c['n_global']}x{c['G']} + {c['n_local']}x{c['L']}; {res['skipped']} corrupt skipped)")
     return 0
-
-
-def add_commands(subparsers) -> None:
-    """Add `bench data` to an argparse subparsers object (the `bench` group is created here)."""
-    bench = subparsers.add_parser("bench", help="benchmarks")
-    sub = bench.add_subparsers(dest="bench_cmd", required=True)
-    p = sub.add_parser("data", help="multi-crop loader images/s on shards (total and per core)")
-    p.add_argument("url", help="shard folder or index.json (local path or fsspec URL)")
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--config", help="YAML with crops: {...} (or a job spec)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.data.bench")
-    add_commands(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["bench", "data", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
