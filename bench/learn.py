@@ -37,7 +37,7 @@ from model import build_backbone, normalize_images  # noqa: E402
 from model.schedules import apply_schedules, build_schedules, param_groups  # noqa: E402
 from orchestrator.pipeline import config  # noqa: E402
 from orchestrator.eval import knn as evaluate  # noqa: E402
-from orchestrator.training import driver as train  # noqa: E402
+from orchestrator.training import setup  # noqa: E402
 from orchestrator.data.loader import MultiCropLoader  # noqa: E402
 
 # The 60-minute recipe on top of the smoke job (whose values and reasons are in jobs/smoke_cpu.yaml):
