@@ -140,7 +140,7 @@ class TorchvisionReference(Reference):
     """The dinov2 pipeline written with real torchvision transforms (used when torchvision imports).
 
     Same classes and arguments as dinov2/data/augmentations.py; GaussianBlur uses RandomApply with the
-    paper's p directly (the released wrapper's keep_p = 1 - p quirk is noted in orchestrator/augment.py).
+    paper's p directly (the released wrapper's keep_p = 1 - p quirk is noted in orchestrator/data/augment.py).
     """
 
     def __init__(self, G=224, L=98, n_local=8, gscale=(0.32, 1.0), lscale=(0.05, 0.32), blur_p=(1.0, 0.1, 0.5)):

@@ -11,7 +11,7 @@ What it does, in one process (no Ray, so no per-phase start-up cost):
      split as memory bank, the test split as queries): raw pixels (mean-centred, L2-normalised) and a
      randomly initialised backbone of the trained arch without LayerScale;
   3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
-     --set) on the train shards without labels: the worker loop of orchestrator/worker.py
+     --set) on the train shards without labels: the worker loop of orchestrator/training/worker.py
      (schedules -> loss -> backward -> clip -> AdamW -> EMA), on one rank with the global batch;
   4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and
      prints the curve: step, images seen, training seconds (k-NN time excluded), k-NN top-1.
@@ -99,7 +99,7 @@ def pct(acc: dict) -> str:
 
 
 def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
-    """The worker loop of orchestrator/worker.py on one rank; k-NN of `evaluated` along the way."""
+    """The worker loop of orchestrator/training/worker.py on one rank; k-NN of `evaluated` along the way."""
     steps, o = r.phase.steps, r.optim
     opt = torch.optim.AdamW(param_groups(meta.student, layer_decay=o.layer_decay,
                                          patch_embed_lr_mult=o.patch_embed_lr_mult), lr=0.0, betas=o.adamw_betas)
