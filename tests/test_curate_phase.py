@@ -10,7 +10,7 @@ docs/curation.md for the numbers and what was tried).
 """
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import os
 import signal
@@ -67,7 +67,7 @@ def embedder(smoke_backbone, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: Ray Train's controller too
     yield ray
     ray.shutdown()
 
@@ -227,3 +227,40 @@ def test_bad_inputs_are_refused_clearly(tmp_path, embedder):
     job = _job(tmp_path, {**base, "retrieve": {"seeds": [{"name": "none", "url": str(tmp_path / "empty")}]}})
     with pytest.raises(ValueError, match=r"empty: index.json lists no images"):
         _run(job)
+
+
+def test_curate_phase_feeds_pretrain(tmp_path, embedder, local_ray):
+    """One job file: curate (dedup + one seed set) -> pretrain on `data.train: phase:curate`, on Ray."""
+    import yaml
+    from orchestrator.data.loader import MultiCropLoader
+    from orchestrator.pipeline import config, controller
+    test = _cifar(CIFAR_TEST_TAR)
+    pool, _ = _shards(tmp_path / "pool", test[:600:2], per_shard=100)
+    seeds, _ = _shards(tmp_path / "seeds", test[1:100:2], per_shard=50)
+    raw = yaml.safe_load((REPO / "jobs" / "smoke_cpu.yaml").read_text())
+    raw.update(name="curated", storage=str(tmp_path / "runs"), num_workers=1,
+               data={"train": "phase:curate", "num_workers": 0}, debug={"trace_samples": True},
+               checkpoint={"every_steps": 2, "keep_last": 1})
+    raw["optim"].update(batch_size=16, warmup_iters=0, freeze_last_layer_iters=0)
+    raw["phases"] = [
+        {"name": "curate", "kind": "curate",
+         "curate": {"pool": pool, "embedder": {"weights": embedder}, "dedup": {"threshold": THRESHOLD},
+                    "retrieve": {"seeds": [{"name": "test-odd", "url": seeds, "k": 4}]}, "samples_per_shard": 40}},
+        {"name": "pretrain", "kind": "pretrain", "steps": 3}]
+    job = config.job_from_dict(raw, source="curated.yaml")
+    curated = job.data.train
+    assert curated.endswith("/curated/curate/shards")
+    lines = []
+    controller.run_pipeline(job, log=lines.append)
+    state = json.loads((tmp_path / "runs" / "curated" / "pipeline.json").read_text())
+    assert [p["state"] for p in state["phases"]] == ["done", "done"], lines[-20:]
+    _, index = _kept_sources(curated)
+    keys = set(index["curation"]["images"])
+    trace = (tmp_path / "runs" / "curated" / "pretrain" / "trace" / "rank0.jsonl").read_text().splitlines()
+    read = [ident.split(":")[0].rsplit("/", 1)[-1] for ln in trace for ident in json.loads(ln)["ids"]]
+    print(f"\ncurated {index['curation']['counts']}; pretrain read {len(read)} images, all from the curated set")
+    assert len(read) == 3 * 16 and set(read) <= keys
+    crops = dataclasses.asdict(config.resolve(job, "pretrain").crops)
+    loader = MultiCropLoader(curated, batch_size=8, crops=crops, patch_size=4,
+                             mask={"mask_ratio_min_max": (0.1, 0.5), "mask_probability": 0.5})
+    assert next(iter(loader))["global_crops"].shape[-1] == 32

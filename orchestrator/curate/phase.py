@@ -102,6 +102,8 @@ def _embed_all(job, phase, layout: RunLayout, progress: _Progress) -> dict:
              else [],
              "ret": ["pool"] + [n for n in sets if n.startswith("seed-")]
              if (cfg.retrieve.seeds or cfg.balance.target) else []}
+    if not needs["copy"] and not needs["ret"]:
+        needs["copy"] = ["pool"]  # nothing to compare: still embed the pool (its keys and decodability)
     out = {"sets": sets}
     for role, emb_cfg in (("copy", copy_cfg), ("ret", cfg.embedder)):
         weights = _weights(job, layout, emb_cfg)
