@@ -51,7 +51,7 @@ def test_run_export_writes_every_student_of_the_phase(tmp_path, fmt, monkeypatch
 def test_run_eval_reports_knn_with_its_yardsticks_and_caches_them(tmp_path, cifar_shards):
     import ray
     job, layout, _ = job_with_backbone(tmp_path, cifar_shards, [
-        "eval.max_train_images=2000", "eval.max_test_images=500", "num_workers=2"])
+        "eval.max_train_images=1000", "eval.max_test_images=300", "num_workers=2"])
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         lines = []

@@ -112,7 +112,11 @@ def ray_map(job):
 
     def run(fn, arglist):
         task = ray.remote(**opts)(fn)
-        return ray.get([task.remote(*args) for args in arglist])
+        shared = {}  # a state dict goes into the object store once, not once per task
+
+        def put(arg):
+            return shared.setdefault(id(arg), ray.put(arg)) if isinstance(arg, dict) else arg
+        return ray.get([task.remote(*[put(a) for a in args]) for args in arglist])
     return run
 
 
@@ -126,7 +130,8 @@ def run_eval(job, phase, layout, log=print) -> dict:
         sd = features.load_state_dict(pdir.final_backbone)
         s = eval_settings(ev, job.data, ev.image_size or features.infer_arch(sd)["img_size"])
         log(f"[{phase.name}] {'+'.join(s['methods'])} of {key} ({job.num_workers} tasks)")
-        res = evaluate(sd, s, job.storage_options, job.num_workers, map_fn, log, actors)
+        # the tasks read the weights themselves: no copy of a large backbone per task
+        res = evaluate(pdir.final_backbone, s, job.storage_options, job.num_workers, map_fn, log, actors)
         log(f"[{phase.name}] {describe(key, res)}")
         if s["baselines"]:
             def run_methods(weights, methods):
