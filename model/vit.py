@@ -70,7 +70,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass,
+        # where three selects would each zero-fill a full qkv-sized gradient and add into it
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -106,6 +109,37 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
+
+
+def _add_subset_residual(x: Tensor, idx: Tensor, branch, scale: float) -> Tensor:
+    """x + scale * branch(x[idx]) on the rows idx (the kept samples), x unchanged elsewhere.
+
+    The same numbers as `torch.index_add(x, 0, idx, branch(x[idx]) * scale)` (the rows reach the
+    branch in ascending order), but the kept samples are taken as the few contiguous runs between the
+    dropped ones: slices and one `cat` instead of row gathers and scatters, whose CPU kernels (and
+    their backward: index_select, index_put with a zero-filled gradient) cost several passes each.
+    """
+    B = x.shape[0]
+    kept = torch.zeros(B, dtype=torch.bool)
+    kept[idx.cpu()] = True
+    runs, start = [], None  # [start, stop) of each run of kept rows
+    for i, k in enumerate(kept.tolist() + [False]):
+        if k and start is None:
+            start = i
+        elif not k and start is not None:
+            runs.append((start, i))
+            start = None
+    sub = x[runs[0][0]:runs[0][1]] if len(runs) == 1 else torch.cat([x[a:b] for a, b in runs])
+    out = branch(sub).to(x.dtype)
+    pieces, pos, prev = [], 0, 0
+    for a, b in runs:
+        if a > prev:
+            pieces.append(out.new_zeros((a - prev,) + tuple(out.shape[1:])))
+        pieces.append(out[pos:pos + b - a])
+        pos, prev = pos + b - a, b
+    if prev < B:
+        pieces.append(out.new_zeros((B - prev,) + tuple(out.shape[1:])))
+    return torch.add(x, pieces[0] if len(pieces) == 1 else torch.cat(pieces), alpha=scale)
 
 
 class Block(nn.Module):
@@ -145,7 +179,9 @@ class Block(nn.Module):
         B = x.shape[0]
         keep = max(int(B * (1.0 - self.drop_path)), 1)
         idx = torch.randperm(B, device=x.device)[:keep]
-        out = branch(x[idx]) * (B / keep)
+        if x.device.type == "cpu":
+            return _add_subset_residual(x, idx, branch, B / keep)
+        out = branch(x[idx]) * (B / keep)  # accelerators: no host sync for the run boundaries
         return torch.index_add(x, 0, idx, out.to(x.dtype))
 
     def _forward_one(self, x: Tensor) -> Tensor:
