@@ -51,12 +51,47 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     """Sinkhorn-Knopp centering of teacher logits [B, K] -> assignment probabilities [B, K].
 
     The reference's algorithm (Q = exp(logits / T); alternately normalise prototypes to 1/K and
-    samples to 1/B; return B * Q), computed in the log domain so that sharp logits cannot underflow
-    to 0/0. With several ranks in `process_group`, the prototype sums run over the global batch,
-    so splitting a batch across ranks (also unequally, e.g. masked tokens) gives the 1-rank result.
-    Each returned row sums to 1; columns sum to about B/K (exactly in the limit of iterations).
-    The global batch size B only rescales the sample step and cancels in the final B * Q.
+    samples to 1/B; return B * Q). With several ranks in `process_group`, the prototype sums run over
+    the global batch, so splitting a batch across ranks (also unequally, e.g. masked tokens) gives
+    the 1-rank result. Each returned row sums to 1; columns sum to about B/K (exactly in the limit of
+    iterations). The global batch size B only rescales the sample step and cancels in the final B * Q.
+
+    Computed as Q = diag(a) E diag(b) with E = exp(logits / T - per-prototype max) formed once and
+    only the scaling vectors a [K], b [B] iterated (matrix-vector products): two passes over the
+    [B, K] matrix plus one read per half-iteration, where normalising Q itself costs several. Where E
+    underflows so far that a scaling factor is not finite (a sample whose logits / T lie ~87 or more
+    below every prototype's best), the log-domain algorithm (`sinkhorn_knopp_log`) computes the result
+    instead, on every rank.
     """
+    x = teacher_logits.float() / teacher_temp  # B_local x K
+    if x.shape[0]:
+        m = x.amax(dim=0, keepdim=True)
+    else:
+        m = x.new_full((1, x.shape[1]), float("-inf"))
+    if _world(process_group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x.sub_(m))  # every prototype's largest entry (over the global batch) is 1
+    K = e.shape[1]
+    b = e.new_ones(e.shape[0], 1)
+    a = e.new_ones(K, 1)
+    for _ in range(n_iterations):
+        a = 1.0 / (_all_reduce_(e.t() @ b, process_group) * K)  # each prototype sums to 1/K
+        b = 1.0 / (e @ a)  # each sample sums to 1
+    ok = torch.isfinite(a).all() & torch.isfinite(b).all()
+    if _world(process_group) > 1:
+        ok = ok.float()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=process_group)
+    if not bool(ok):
+        return sinkhorn_knopp_log(teacher_logits, teacher_temp, n_iterations, process_group)
+    return e.mul_(a.t()).mul_(b)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_log(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3,
+                       process_group=None) -> Tensor:
+    """`sinkhorn_knopp` computed in the log domain, so that sharp logits cannot underflow to 0/0
+    (slower: several passes over the [K, B] matrix per iteration)."""
     logq = (teacher_logits.float() / teacher_temp).t()  # K x B_local
     K = logq.shape[0]
     for _ in range(n_iterations):
