@@ -104,3 +104,23 @@ def test_bad_eval_settings_are_refused_by_validate(tmp_path, override, message):
     from orchestrator.pipeline.validate import validate
     with pytest.raises(ConfigError, match=message):
         validate(config.load_job(str(JOB), ["eval.methods=[knn,linear,retrieval]", override]))
+
+
+def test_merging_per_bank_top_k_equals_the_k_nn_over_the_whole_bank():
+    import torch.nn.functional as F
+
+    from orchestrator.eval import knn, knn_dist
+    g = torch.Generator().manual_seed(0)
+    train = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    test = F.normalize(torch.randn(50, 16, generator=g), dim=1)
+    train_l, test_l = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (50,), generator=g)
+    train_l[-1] = 6  # a class only the train split has: the votes must have room for it
+    banks = []
+    for lo, hi in ((0, 120), (120, 300)):
+        bank = knn_dist.Bank(None, 32, 8, None, "pixels")
+        bank.feats, bank.labels = train[lo:hi], train_l[lo:hi]
+        banks.append(bank)
+    parts = [bank.topk((test, test_l), 20) for bank in banks]
+    merged = knn_dist.merge_votes(parts, test_l, (1, 10, 20), 0.07, 7)
+    whole = knn.knn_accuracy(train, train_l, test, test_l, ks=(1, 10, 20))
+    assert {k: c / 50 for k, c in merged.items()} == pytest.approx(whole)

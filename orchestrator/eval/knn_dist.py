@@ -39,13 +39,13 @@ class Bank:
         weights, size, batch, opts, kind = self.args
         return features.embed_shards(weights, items, size, batch, opts, kind)
 
-    def add(self, items) -> int:
-        """Embed train items into this bank; returns how many labelled images it now holds."""
+    def add(self, items) -> tuple[int, int]:
+        """Embed train items into this bank; returns (labelled images it holds, their largest label)."""
         feats, labels = self._embed(items)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32  # CPUs matmul fp16 slowly
         self.feats = torch.cat([self.feats.to(self.device, dtype), feats.to(self.device, dtype)])
         self.labels = torch.cat([self.labels, labels])
-        return len(self.labels)
+        return len(self.labels), int(self.labels.max()) if len(self.labels) else -1
 
     def embed(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         """Test features and labels of `items` (kept by the caller as an object ref)."""
@@ -102,7 +102,8 @@ def knn_eval_sharded(weights, train_url: str, test_url: str, *, ks=(10, 20), tem
     actor = ray.remote(**(actor_options or {}))(Bank)
     train_groups = features.split_work(plans["train"], parallel)
     banks = [actor.remote(weights, size, batch_size, storage_options, kind) for _ in train_groups]
-    n_train = sum(ray.get([bank.add.remote(g) for bank, g in zip(banks, train_groups)]))
+    added = ray.get([bank.add.remote(g) for bank, g in zip(banks, train_groups)])
+    n_train = sum(n for n, _ in added)
     test_groups = features.split_work(plans["test"], len(banks))
     shares = [bank.embed.remote(g) for bank, g in zip(banks, test_groups)]  # refs: features stay out of the driver
     truths = ray.get([banks[0].labels_of.remote(ref) for ref in shares])
@@ -111,7 +112,7 @@ def knn_eval_sharded(weights, train_url: str, test_url: str, *, ks=(10, 20), tem
         raise ValueError(f"{train_url} / {test_url}: index.json lists {listed['train']} + {listed['test']} samples "
                          f"but {n_train} + {sum(len(t) for t in truths)} carry an image and a .cls label; the k-NN "
                          "needs labelled shards (`dinoray shards build` of class folders)")
-    n_classes = int(max(int(t.max()) for t in truths if len(t))) + 1
+    n_classes = 1 + max([top for _, top in added] + [int(t.max()) for t in truths if len(t)])
     correct, driver_bytes = {k: 0 for k in ks}, sum(t.nbytes for t in truths)
     for ref, truth in zip(shares, truths):
         parts = ray.get([bank.topk.remote(ref, max(ks)) for bank in banks])

@@ -148,7 +148,8 @@ def probe(train: tuple, embed_test, *, lrs=LRS, epochs: int = EPOCHS, batch_size
     test_f, test_l = embed_test()  # only now: the choice above never saw the test split
     check_classes(labels, test_l, *urls)
     c, i = chosen["index"]
-    one = {"configs": [heads["configs"][c]], "w": heads["w"][:, c:c + 1, i:i + 1].contiguous(), "b": heads["b"][c:c + 1, i:i + 1]}
+    one = {"configs": [heads["configs"][c]], "w": heads["w"][:, c:c + 1, i:i + 1].contiguous(),
+           "b": heads["b"][c:c + 1, i:i + 1]}
     top1 = float(head_accuracies(one, test_f, test_l)[0, 0])
     return {"top1": top1, "head": {k: chosen[k] for k in ("blocks", "avgpool", "lr")},
             "val_top1": chosen["val_top1"], "grid_val_top1": chosen["grid"], "lrs": list(lrs), "epochs": epochs,

@@ -23,7 +23,8 @@ from orchestrator.eval import features
 from orchestrator.pipeline.schema import EvalCfg
 
 # query images, edited copies of each, distractor images: the job schema's defaults
-QUERIES, COPIES, DISTRACTORS = (getattr(EvalCfg(), f"retrieval_{name}") for name in ("queries", "copies", "distractors"))
+QUERIES, COPIES, DISTRACTORS = (getattr(EvalCfg(), f"retrieval_{name}")
+                                 for name in ("queries", "copies", "distractors"))
 
 
 def embed_with_copies(weights, items, image_size: int, batch_size: int, storage_options: dict | None,
