@@ -8,7 +8,7 @@ import pytest
 from conftest import CIFAR_TEST_TAR
 
 from orchestrator import storage
-from orchestrator.cli import build_parser
+from orchestrator.cli import main as dinoray
 from orchestrator.data.build import build
 from orchestrator.data.index import read_index
 from orchestrator.data.samples import iter_samples
@@ -100,8 +100,7 @@ def test_verify_fails_on_truncated_and_flipped_shard(small_folder, tmp_path):
     text = "\n".join(problems)
     assert "shard-000000.tar" in text and "truncated" in text
     assert "shard-000001.tar: sha256" in text
-    args = build_parser().parse_args(["shards", "verify", str(dst)])
-    assert args.func(args) == 1
+    assert dinoray(["shards", "verify", str(dst)]) == 1
 
 
 def test_interrupted_build_writes_only_missing_shards(small_folder, tmp_path, capsys):
@@ -113,8 +112,7 @@ def test_interrupted_build_writes_only_missing_shards(small_folder, tmp_path, ca
     assert len(before) == 2
     # a stale partial file and a wrong-size shard from a crash are ignored / rewritten
     (dst / ".shard-000002.tar.abc.partial").write_bytes(b"junk")
-    args = build_parser().parse_args(["shards", "build", str(root), str(dst), "--samples-per-shard", "10"])
-    assert args.func(args) == 0
+    assert dinoray(["shards", "build", str(root), str(dst), "--samples-per-shard", "10"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in dst.glob("shard-*.tar")}
     assert len(after) == 5 and all(after[n] == t for n, t in before.items())
     assert "2 already complete" in capsys.readouterr().err
@@ -144,12 +142,10 @@ def test_round_trip_cifar_test_tar_local(tmp_path):
 @pytest.mark.slow
 def test_round_trip_cifar_test_tar_s3(s3_server, tmp_path, capsys, caplog):
     dst = f"s3://{s3_server['bucket']}/cifar-test"
-    args = build_parser().parse_args(["shards", "build", str(CIFAR_TEST_TAR), dst, "--samples-per-shard", "2500"])
-    assert args.func(args) == 0
+    assert dinoray(["shards", "build", str(CIFAR_TEST_TAR), dst, "--samples-per-shard", "2500"]) == 0
     index, samples = _read_all(dst)
     assert index["total"] == 10000 and len(samples) == 10000 and len(index["shards"]) == 4
-    args = build_parser().parse_args(["shards", "verify", dst])
-    assert args.func(args) == 0
+    assert dinoray(["shards", "verify", dst]) == 0
     fs, path = storage.fs_for(dst)
     raw = fs.cat_file(path + "/index.json").decode()
     out = capsys.readouterr()
