@@ -90,7 +90,7 @@ def _run(job):
 def _kept_sources(out_url: str) -> set[str]:
     from orchestrator.data.index import read_index
     index, _ = read_index(Store(out_url))
-    return {img["source_key"] for img in index["curation"]["images"].values()}, index
+    return {img["source_sample"] for img in index["curation"]["images"].values()}, index
 
 
 def test_planted_copies(tmp_path, embedder, local_ray):
@@ -156,7 +156,7 @@ def test_retrieval_sample_and_cluster_modes(tmp_path, embedder, local_ray):
     name_of = {f"{k:09d}": rel for k, rel in enumerate(names)}
     base = len(seed_classes) / 10
     for mode in ("by-sample", "by-cluster"):
-        got = [name_of[img["source_key"]].split("/")[0] for img in index["curation"]["images"].values()
+        got = [name_of[img["source_sample"]].split("/")[0] for img in index["curation"]["images"].values()
                if mode in img["seed_sets"]]
         share = sum(c in seed_classes for c in got) / max(len(got), 1)
         print(f"\nretrieval {mode}: {len(got)} images, {share:.2f} from the seed classes (base rate {base:.2f})")
@@ -241,7 +241,7 @@ def test_curate_phase_feeds_pretrain(tmp_path, embedder, local_ray):
     raw.update(name="curated", storage=str(tmp_path / "runs"), num_workers=1,
                data={"train": "phase:curate", "num_workers": 0}, debug={"trace_samples": True},
                checkpoint={"every_steps": 2, "keep_last": 1})
-    raw["optim"].update(batch_size=16, warmup_iters=0, freeze_last_layer_iters=0)
+    raw["optim"].update(batch_size=16, warmup_iters=0, freeze_last_layer_iters=0, min_lr=1e-5)
     raw["phases"] = [
         {"name": "curate", "kind": "curate",
          "curate": {"pool": pool, "embedder": {"weights": embedder}, "dedup": {"threshold": THRESHOLD},

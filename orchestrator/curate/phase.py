@@ -249,7 +249,7 @@ def _write(source: Store, pdir: PhaseDir, pool: dict, reasons: dict, selected: n
     from orchestrator.curate import write
     from orchestrator.data import index as shard_index
     pool_index, folder = shard_index.read_index(source)
-    curation = {"phase": phase.name, "counts": counts, "settings": dataclasses.asdict(cfg)}
+    curation = {"phase": phase.name, "counts": counts, "settings": storage.redact(dataclasses.asdict(cfg))}
     return write.write_selection(folder, pdir.curate_shards, _items(pool, reasons, selected),
                                  classes=pool_index.get("classes", []), samples_per_shard=cfg.samples_per_shard,
                                  curation=curation, map_fn=map_fn, log=log)
@@ -276,7 +276,7 @@ def cmd_curate(args) -> int:
     """`dinoray curate JOB [--set k=v ...] [--phase NAME]`: run (or resume) one curate phase on Ray."""
     from orchestrator.pipeline import config
     try:
-        job = config.load_job(args.job, args.set or [])
+        job = config.load_job(args.job, getattr(args, "set", None) or [])
         names = [p.name for p in job.phases if p.kind == "curate"]
         name = args.phase or (names[0] if len(names) == 1 else None)
         if name not in names:
@@ -287,3 +287,16 @@ def cmd_curate(args) -> int:
         return 2
     print(json.dumps(res["metrics"]))
     return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.curate.phase")
+    parser.add_argument("job")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--phase", default=None, help="the curate phase to run (default: the job's only one)")
+    return cmd_curate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

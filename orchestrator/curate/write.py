@@ -5,7 +5,8 @@ reads the source shards its images come from, copies their original bytes (never
 labels under new keys, hashes the tar, describes it in `_build/<shard>.json` and commits it (the
 same commit protocol as `dinoray shards build`). A rerun writes only the shards without a matching
 description. index.json is the shard index every reader uses (data/index.py) plus a "curation"
-section: the counts at each stage and, per output key, its source shard and key and why it was kept.
+section: the counts at each stage and, per output key, its source shard and sample key
+("source_shard", "source_sample") and why it was kept ("seed_sets", "clusters").
 
 No entrypoint; the curate phase's "write" stage.
 """
@@ -106,8 +107,9 @@ def write_selection(source: Store, out: Store, items: list[dict], *, classes: li
              "skipped": [], "params": {"curated_from": storage.redact(source.url),
                                        "samples_per_shard": samples_per_shard},
              "curation": dict(curation, images={item["key"]: {"source_shard": item["shard"],
-                                                              "source_key": item["source_key"], **item["why"]}
+                                                              "source_sample": item["source_key"], **item["why"]}
                                                 for item in items})}
-    (out / shard_index.INDEX).write_bytes(json.dumps(storage.redact(index), indent=1).encode())
+    # not redact(index): its dict-key rule would blank every "key"-named field; URLs are redacted where set
+    (out / shard_index.INDEX).write_bytes(json.dumps(index, indent=1).encode())
     (out / BUILD_DIR).rm(recursive=True)
     return index
