@@ -149,7 +149,7 @@ def export_phase(run_url: str, phase: str, fmt: str, out_url: str, storage_optio
     """Export the backbone a finished phase (or distill student PHASE-ARCH) of the run at `run_url` wrote."""
     from orchestrator.layout import RunLayout
     root = Store(run_url, storage_options)
-    src = RunLayout(Store(root.url.rsplit("/", 1)[0] or "/", storage_options), root.name).phase(phase).final_backbone
+    src = RunLayout(root.parent, root.name).phase(phase).final_backbone
     if not src.exists():
         raise FileNotFoundError(f"{src.url} does not exist: phase '{phase}' has not finished in {run_url} "
                                 "(see `dinoray status RUN_URL`); a distill student's phase is '<phase>-<arch>'")
