@@ -111,35 +111,73 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def _add_subset_residual(x: Tensor, idx: Tensor, branch, scale: float) -> Tensor:
-    """x + scale * branch(x[idx]) on the rows idx (the kept samples), x unchanged elsewhere.
-
-    The same numbers as `torch.index_add(x, 0, idx, branch(x[idx]) * scale)` (the rows reach the
-    branch in ascending order), but the kept samples are taken as the few contiguous runs between the
-    dropped ones: slices and one `cat` instead of row gathers and scatters, whose CPU kernels (and
-    their backward: index_select, index_put with a zero-filled gradient) cost several passes each.
-    """
-    B = x.shape[0]
-    kept = torch.zeros(B, dtype=torch.bool)
+def _kept_runs(idx: Tensor, B: int) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive kept rows (idx: the kept rows, any order)."""
+    kept = torch.zeros(B + 1, dtype=torch.bool)
     kept[idx.cpu()] = True
-    runs, start = [], None  # [start, stop) of each run of kept rows
-    for i, k in enumerate(kept.tolist() + [False]):
+    runs, start = [], None
+    for i, k in enumerate(kept.tolist()):
         if k and start is None:
             start = i
         elif not k and start is not None:
             runs.append((start, i))
             start = None
-    sub = x[runs[0][0]:runs[0][1]] if len(runs) == 1 else torch.cat([x[a:b] for a, b in runs])
-    out = branch(sub).to(x.dtype)
+    return runs
+
+
+def _take_runs(x: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    return x[runs[0][0]:runs[0][1]] if len(runs) == 1 else torch.cat([x[a:b] for a, b in runs])
+
+
+def _spread_runs(y: Tensor, runs: list[tuple[int, int]], B: int) -> Tensor:
+    """Inverse of _take_runs: y's rows back at their places in B rows, zeros elsewhere."""
     pieces, pos, prev = [], 0, 0
-    for a, b in runs:
+    for a, b in runs + [(B, B)]:
         if a > prev:
-            pieces.append(out.new_zeros((a - prev,) + tuple(out.shape[1:])))
-        pieces.append(out[pos:pos + b - a])
+            pieces.append(y.new_zeros((a - prev,) + tuple(y.shape[1:])))
+        if b > a:
+            pieces.append(y[pos:pos + b - a])
         pos, prev = pos + b - a, b
-    if prev < B:
-        pieces.append(out.new_zeros((B - prev,) + tuple(out.shape[1:])))
-    return torch.add(x, pieces[0] if len(pieces) == 1 else torch.cat(pieces), alpha=scale)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+class _TakeRuns(torch.autograd.Function):
+    """Rows in runs, one `cat`; backward: one `cat` with zeros for the other rows (autograd's own
+    backward of slicing would zero-fill and add a full-size gradient per run)."""
+
+    @staticmethod
+    def forward(ctx, x, runs):
+        ctx.runs, ctx.B = runs, x.shape[0]
+        return _take_runs(x, runs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _spread_runs(grad, ctx.runs, ctx.B), None
+
+
+class _SpreadRuns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, runs, B):
+        ctx.runs = runs
+        return _spread_runs(y, runs, B)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _take_runs(grad, ctx.runs), None, None
+
+
+def _add_subset_residual(x: Tensor, idx: Tensor, branch, scale: float) -> Tensor:
+    """x + scale * branch(x[idx]) on the rows idx (the kept samples), x unchanged elsewhere.
+
+    The same numbers as `torch.index_add(x, 0, idx, branch(x[idx]) * scale)` (the rows reach the
+    branch in ascending order), but the kept samples are taken as the few contiguous runs between the
+    dropped ones: one `cat` each way instead of row gathers and scatters, whose CPU kernels (and
+    their backward: index_select, index_put into a zero-filled gradient) cost several passes each.
+    """
+    B = x.shape[0]
+    runs = _kept_runs(idx, B)
+    out = branch(_TakeRuns.apply(x, runs)).to(x.dtype)
+    return torch.add(x, _SpreadRuns.apply(out, runs, B), alpha=scale)
 
 
 class Block(nn.Module):
