@@ -127,9 +127,20 @@ def test_ray_logs_link_under_the_run(tmp_path):
     assert Path(where, "raylet.out").read_text() == "raylet" and where == layout.ray_logs.local_path
     assert console.link_ray_logs(layout, str(session)) == where   # a rerun replaces the link
     assert console.ray_init_kwargs(False, local=False) == {"log_to_driver": False, "logging_level": 30}
-    env = {}
-    console.local_ray_env(env)
-    assert env == {"RAY_AUTH_MODE": "token"}
+
+
+
+def test_local_ray_env_states_token_auth_to_ray_already_imported(monkeypatch):
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    console.local_ray_env()                           # an explicit mode is kept
+    assert get_authentication_mode() != AuthenticationMode.TOKEN
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    console.local_ray_env()
+    assert get_authentication_mode() == AuthenticationMode.TOKEN   # ray was imported before: refreshed
+    monkeypatch.undo()
+    from ray._raylet import Config
+    Config.initialize("")
 
 
 @pytest.mark.ray

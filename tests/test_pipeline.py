@@ -146,7 +146,8 @@ def test_smoke_pipeline_end_to_end_via_the_readme_cluster_commands(tmp_path, cif
         stop_cluster(ray_tmp)
         # what the job's upload held (Ray unpacks it on the head; Ray's package limit is 100 MiB)
         packages = [{entry.name for entry in pkg.iterdir()} for pkg in
-                    Path(ray_tmp).glob("ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*")]
+                    Path(ray_tmp).glob("ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+                    if pkg.is_dir()]
         shutil.rmtree(ray_tmp, ignore_errors=True)
     print(out)
     assert proc.returncode == 0, out[-6000:]

@@ -7,7 +7,7 @@
   (orchestrator/pipeline/progress.py) and shows step/steps, images/s, ETA, loss and the last committed
   checkpoint: a tqdm bar updated in place on a terminal, a plain line every `steps / LINES_PER_PHASE`
   steps otherwise (logs, `ray job submit`). With `verbose`, it also prints the workers' new log lines.
-- `ray_init_kwargs(verbose, local)`, `local_ray_env(os.environ)`: Ray's actors and workers do not
+- `ray_init_kwargs(verbose, local)`, `local_ray_env()`: Ray's actors and workers do not
   print on the driver (`log_to_driver`), and a local Ray starts without warnings;
   `link_ray_logs(layout, session_dir)` makes a local run's Ray session logs `{run}/logs/ray`.
 - `worker_output(log)`: run inside a Ray Train worker, sends its stdout and stderr (prints, Python
@@ -146,11 +146,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def local_ray_env(env: dict) -> None:
+def local_ray_env() -> None:
     """Before a new local cluster starts: Ray's token authentication stays on (Ray 2.60's default for
     local clusters), stated explicitly so that Ray does not warn that it chose it (an explicit
-    RAY_AUTH_MODE, e.g. `disabled`, is kept)."""
-    env.setdefault(AUTH_MODE_ENV, "token")
+    RAY_AUTH_MODE, e.g. `disabled`, is kept). Ray reads its configuration when it is imported, so the
+    cached copy is refreshed, as Ray's own `_enable_token_auth` does; otherwise this process would not
+    send the token that the cluster it starts requires."""
+    if AUTH_MODE_ENV in os.environ:
+        return
+    os.environ[AUTH_MODE_ENV] = "token"
+    from ray._raylet import Config
+    Config.initialize("")
 
 
 def link_ray_logs(layout: RunLayout, session_dir: str | None) -> str | None:

@@ -27,7 +27,7 @@ def connect_ray(job, verbose: bool = False):
     if not ray.is_initialized():
         local = not os.environ.get("RAY_ADDRESS")
         if local:
-            console.local_ray_env(os.environ)
+            console.local_ray_env()
         extra = {"_metrics_export_port": job.metrics.export_port} if local else {}
         context = ray.init(**console.ray_init_kwargs(verbose, local), **extra)
         if local:
