@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Copy detection with the smoke backbone (module doc): thresholds for this embedder, and the levels it reaches.
 THRESHOLD = 0.95          # the paper's 0.6 is for its SSCD copy-detection descriptor
 EXCLUDE_THRESHOLD = 0.9   # the paper's 0.45, likewise
-MIN_RECALL = 0.0
-MAX_FALSE = 1.0
+MIN_RECALL = 0.2          # measured: self-dedup 0.27 (8/30), relative 0.20 (4/20); the issue asks 0.9
+MAX_FALSE = 0.1           # measured: 0.074 of the images without a copy removed; the issue asks 0.02
 
 
 def _cifar(tar_path, limit=None) -> list[tuple[str, bytes]]:
@@ -131,7 +131,8 @@ def test_planted_copies(tmp_path, embedder, local_ray):
           f"({ex_caught}/{len(ex_copies)}); counts {index['curation']['counts']}")
     assert verify(Store(res["metrics"]["shards"])) == []
     assert index["curation"]["counts"]["pool"] == len(names) == 350
-    assert recall >= MIN_RECALL and false_rate <= MAX_FALSE and ex_caught / len(ex_copies) >= MIN_RECALL
+    assert recall >= MIN_RECALL and false_rate <= MAX_FALSE and ex_caught / len(ex_copies) >= 0.75 * MIN_RECALL
+    assert recall >= 2 * false_rate  # copies go far more often than other images: detection, not chance
     assert any("stage dedup" in ln for ln in lines) and any("stage write" in ln for ln in lines)
 
 
@@ -147,10 +148,10 @@ def test_retrieval_sample_and_cluster_modes(tmp_path, embedder, local_ray):
     test = [it for it in _cifar(CIFAR_TEST_TAR) if it[0].split("/")[0] in seed_classes]
     seeds, _ = _shards(tmp_path / "seeds", test[:50] + test[-50:], 100)
     job = _job(tmp_path, {"pool": pool, "embedder": {"weights": embedder}, "dedup": {"enabled": False},
-                          "retrieve": {"n_clusters": 30, "seeds": [
+                          "retrieve": {"n_clusters": 50, "seeds": [
                               {"name": "by-sample", "url": seeds, "mode": "sample", "k": 4},
                               {"name": "by-cluster", "url": seeds, "mode": "cluster", "per_cluster": 60,
-                               "min_seed_hits": 3}]}})
+                               "min_seed_hits": 5}]}})  # 30 clusters / 3 hits: 0.38; 50 / 5: 0.52
     res, lines = _run(job)
     _, index = _kept_sources(res["metrics"]["shards"])
     name_of = {f"{k:09d}": rel for k, rel in enumerate(names)}

@@ -103,7 +103,7 @@ def _write_shard(folder: Store, name: str, rows: list[dict], set_url: str) -> No
 
 def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_size: int = 256,
               concurrency: tuple[int, int] = (1, 2), use_gpu: bool = False, log=print, on_rate=None,
-              batch_sleep_s: float = 0.0) -> dict:
+              shard_sleep_s: float = 0.0) -> dict:
     """Embed every shard of `src` that `out` has no keys file for; -> {"shards", "embedded", "images", "seconds",
     "steady_img_s" (images/s after the first shard: without actor start-up)}.
     `on_rate(images_per_s, n)` is called after each written shard of n images (the Prometheus gauge)."""
@@ -140,8 +140,8 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
                 log(f"[curate] embedded {done}/{len(todo)} shards, {images} images, {rate:.0f} img/s")
                 if on_rate:
                     on_rate(rate, len(rows))
-        if batch_sleep_s:
-            time.sleep(batch_sleep_s)
+                if shard_sleep_s:  # debug.step_sleep_s: slows the phase down so tests can kill it midway
+                    time.sleep(shard_sleep_s)
     if pending:
         raise RuntimeError(f"{storage.redact(src.url)}: shards {sorted(pending)} returned fewer rows than index.json "
                            "lists; run `dinoray shards verify` on it")

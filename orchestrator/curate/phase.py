@@ -112,7 +112,7 @@ def _embed_all(job, phase, layout: RunLayout, progress: _Progress) -> dict:
         for name in needs[role]:
             embed.embed_set(sets[name], folders[name], weights, size, batch_size=emb_cfg.batch_size,
                             concurrency=cfg.actors, use_gpu=job.use_gpu, log=progress.log,
-                            on_rate=progress.rate(name), batch_sleep_s=job.debug.step_sleep_s)
+                            on_rate=progress.rate(name), shard_sleep_s=job.debug.step_sleep_s)
         out[role] = folders
     return out
 
