@@ -20,8 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from orchestrator.training import checkpoint  # noqa: E402
+from orchestrator.layout import RunLayout  # noqa: E402
 from orchestrator.pipeline import config  # noqa: E402
+from orchestrator.training import checkpoint  # noqa: E402
 from orchestrator.training import driver as train  # noqa: E402
 
 
@@ -39,8 +40,8 @@ def job(root, name, backend, arch="vit_pico", protos=256, steps=30, every=10, as
 
 
 def records(j):
-    path = os.path.join(train.run_url(j, "pretrain"), "metrics.jsonl")
-    return [json.loads(line) for line in open(path)]
+    phase = RunLayout.of(j).phase("pretrain")
+    return [json.loads(line) for line in open(phase.metrics.local_path)]
 
 
 def dir_bytes(path):
@@ -92,10 +93,10 @@ def main(argv=None) -> int:
         stall = [r["ckpt_stall_s"] for r in rs if "ckpt_stall_s" in r]
         save = [r["ckpt_save_s"] for r in rs if "ckpt_save_s" in r]
         step_s = statistics.median(r["step_s"] for r in rs if "ckpt_stall_s" not in r)
-        url = train.run_url(j, "pretrain")
-        last = checkpoint.latest(url)[1]
+        phase = RunLayout.of(j).phase("pretrain")
+        last = checkpoint.latest(phase)[1].local_path
         nbytes = dir_bytes(last)
-        raw = raw_write_s(last, url)
+        raw = raw_write_s(last, phase.root.local_path)
         entry = {"bytes": nbytes, "stall_s": statistics.median(stall), "save_s": statistics.median(save),
                  "raw_write_s": raw, "step_s": step_s}
         entry["save_over_raw"] = entry["save_s"] / raw

@@ -268,6 +268,14 @@ class DeepSpeedBackend(Backend):
         for dst, src in zip(self._target_tensors(), self.teacher_fp32):
             k = min(dst.numel(), src.numel())
             dst.view(-1)[:k].copy_(src.view(-1)[:k])
+        # ZeRO-3 keeps small parameters (< stage3_param_persistence_threshold elements: biases, norms,
+        # LayerScale, and every parameter of a tiny model) gathered all the time, re-gathered from
+        # their partitions after each optimiser step, i.e. before this EMA: without a re-gather here
+        # the teacher's forward would use them one EMA step late. Collective (every rank calls it).
+        persistent = [p for p in self.ema_targets if self.stage == 3 and getattr(p, "ds_persist", False)]
+        if persistent:
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
 
     def _gather(self, p: torch.nn.Parameter, local: torch.Tensor | None = None) -> torch.Tensor | None:
         """Full value of one ZeRO-3 parameter (or of `local`, a partition laid out like p.ds_tensor)."""
