@@ -104,8 +104,7 @@ def _write_shard(folder: Store, name: str, rows: list[dict], set_url: str) -> No
 def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_size: int = 256,
               concurrency: tuple[int, int] = (1, 2), use_gpu: bool = False, log=print, on_rate=None,
               shard_sleep_s: float = 0.0) -> dict:
-    """Embed every shard of `src` that `out` has no keys file for; -> {"shards", "embedded", "images", "seconds",
-    "steady_img_s" (images/s after the first shard: without actor start-up)}.
+    """Embed every shard of `src` that `out` has no keys file for; -> {"shards", "embedded", "images", "seconds"}.
     `on_rate(images_per_s, n)` is called after each written shard of n images (the Prometheus gauge)."""
     import ray
     shards, folder, _ = shard_list(src)
@@ -114,8 +113,8 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
     log(f"[curate] embed {storage.redact(src.url)}: {len(todo)} of {len(shards)} shards to embed "
         f"({len(shards) - len(todo)} already done), {size} px")
     if not todo:
-        return {"shards": len(shards), "embedded": 0, "images": 0, "seconds": 0.0, "steady_img_s": None}
-    t0, done, images, first = time.time(), 0, 0, (0.0, 0)
+        return {"shards": len(shards), "embedded": 0, "images": 0, "seconds": 0.0}
+    t0, done, images = time.time(), 0, 0
     items = [{"url": (folder / name).url, "options": json.dumps(folder.options), "name": name, "count": n}
              for name, n in todo]
     ctx = ray.data.DataContext.get_current()
@@ -134,8 +133,6 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
             if len(rows) == expected[str(row["shard"])]:
                 _write_shard(out, str(row["shard"]), pending.pop(str(row["shard"])), src.url)
                 done, images = done + 1, images + len(rows)
-                if done == 1:
-                    first = (time.time(), images)  # steady state starts once the actors are up
                 rate = images / max(time.time() - t0, 1e-6)
                 log(f"[curate] embedded {done}/{len(todo)} shards, {images} images, {rate:.0f} img/s")
                 if on_rate:
@@ -145,10 +142,7 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
     if pending:
         raise RuntimeError(f"{storage.redact(src.url)}: shards {sorted(pending)} returned fewer rows than index.json "
                            "lists; run `dinoray shards verify` on it")
-    end = time.time()
-    steady = (images - first[1]) / (end - first[0]) if done > 1 and end > first[0] else None
-    return {"shards": len(shards), "embedded": done, "images": images, "seconds": round(end - t0, 2),
-            "steady_img_s": round(steady, 1) if steady else None}
+    return {"shards": len(shards), "embedded": done, "images": images, "seconds": round(time.time() - t0, 2)}
 
 
 def load_set(src: Store, out: Store) -> dict:
