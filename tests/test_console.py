@@ -116,6 +116,8 @@ def test_worker_failure_shows_the_workers_error_and_log_path(tmp_path):
     assert text == (f"rank 1: FloatingPointError: step 3: non-finite loss\n"
                     f"  full log: {tmp_path}/smoke/logs/pretrain/rank1.log")
     assert console.worker_failure(ValueError("not a worker"), layout, "pretrain") is None
+    bare = WorkerGroupError("Training failed", {0: FloatingPointError("step 1: nan")})  # unwrapped, as 2.60 does
+    assert console.worker_failure(bare, layout, "pretrain").startswith("rank 0: FloatingPointError: step 1: nan\n")
 
 
 def test_ray_logs_link_under_the_run(tmp_path):

@@ -229,14 +229,14 @@ def _worker_failures(exc: BaseException) -> dict:
 
 def worker_failure(exc: BaseException, layout: RunLayout, key: str) -> str | None:
     """'rank 0: ValueError: boom (full log: {run}/logs/{key}/rank0.log)' per failed worker, or None
-    when exc is not a worker's failure. Ray keeps the worker's own exception in `_base_exc` of its
-    UserExceptionWithTraceback; its str() is the whole traceback, of which the last line is the error."""
+    when exc is not a worker's failure. Ray hands back the worker's exception itself, or wrapped in a
+    UserExceptionWithTraceback (its `_base_exc`; its str() is the whole traceback)."""
     failures = _worker_failures(exc)
     if not failures:
         return None
     lines = []
     for rank, err in sorted(failures.items()):
-        base = getattr(err, "_base_exc", None)
-        text = f"{type(base).__name__}: {base}" if base is not None else str(err).strip().splitlines()[-1]
+        base = getattr(err, "_base_exc", err)  # Ray's wrapper, or the worker's exception itself
+        text = f"{type(base).__name__}: {str(base).strip()}"
         lines.append(f"rank {rank}: {text}\n  full log: {layout.phase(key).worker_log(rank)}")
     return "\n".join(lines)
