@@ -52,7 +52,12 @@ class PhaseDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     final = property(lambda self: self.root / "final")
     final_model = property(lambda self: self.root / "final" / "model.pth")
-    final_backbone = property(lambda self: self.root / "final" / "backbone.pth")
+    final_backbone = property(lambda self: self.backbone_in(self.final))
+
+    @staticmethod
+    def backbone_in(final: Store) -> Store:
+        """The backbone file inside a phase's final/ folder (given as the folder itself)."""
+        return final / "backbone.pth"
     final_done = property(lambda self: self.root / "final" / "DONE")
     failed = property(lambda self: self.root / "FAILED")
     metrics_rel = "metrics.jsonl"

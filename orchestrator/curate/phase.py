@@ -25,17 +25,18 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.curate import dedup, embed, retrieve
 from orchestrator.layout import PhaseDir, RunLayout
+from orchestrator.pipeline import config
 from orchestrator.storage import Store
 
 STAGES = ("embed", "dedup", "exclude", "retrieve", "balance", "write")
-PHASE_PREFIX = "phase:"
 
 
 # --------------------------------------------------------------------------- inputs
 def _weights(job, layout: RunLayout, cfg) -> Store:
     """The embedder's weights: `phase:NAME` is that phase's final/ folder."""
-    if cfg.weights.startswith(PHASE_PREFIX):
-        return layout.phase(cfg.weights[len(PHASE_PREFIX):]).final
+    name = config.phase_ref(cfg.weights)
+    if name is not None:
+        return layout.phase(name).final
     return Store(cfg.weights, job.storage_options)
 
 

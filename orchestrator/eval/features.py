@@ -24,6 +24,7 @@ from PIL import Image
 import model as dmodel
 from orchestrator.data import index as shard_index
 from orchestrator.data import samples
+from orchestrator.layout import PhaseDir
 from orchestrator.storage import Store
 
 FEATURE_KINDS = ("cls", "blocks", "pixels")
@@ -34,14 +35,13 @@ EMBED_BATCH = 256        # images per forward pass
 # --------------------------------------------------------------------------- weights
 def load_state_dict(url, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """Read backbone weights from a .pth/.safetensors file or a phase's final/ folder (str URL or Store)."""
-    fs, path = _store(url, storage_options).fs()
-    if fs.isdir(path):
-        path = path.rstrip("/") + "/backbone.pth"
-        if not fs.exists(path):
-            raise FileNotFoundError(f"{url}: no backbone.pth inside; pass an exported file or a phase's final/ folder")
-    with fs.open(path, "rb") as fh:
-        data = fh.read()
-    if path.endswith(".safetensors"):
+    weights = _store(url, storage_options)
+    if weights.isdir():
+        weights = PhaseDir.backbone_in(weights)
+        if not weights.exists():
+            raise FileNotFoundError(f"{url}: no {weights.name} inside; pass an exported file or a phase's final/ folder")
+    data = weights.read_bytes()
+    if weights.url.endswith(".safetensors"):
         from safetensors.torch import load
         return load(data)
     sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

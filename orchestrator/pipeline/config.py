@@ -89,6 +89,15 @@ def _resolve_paths(job: JobSpec, base_dir: str) -> None:
     def absolute(url: str) -> str:
         return os.path.normpath(os.path.join(base_dir, url)) if url and "://" not in url else url
     job.storage = absolute(job.storage)
+    for phase in job.phases:
+        if phase.curate is not None:
+            cur = phase.curate
+            cur.pool, cur.exclude = absolute(cur.pool), [absolute(url) for url in cur.exclude]
+            for seed_set in cur.retrieve.seeds:
+                seed_set.url = absolute(seed_set.url)
+            for embedder in (cur.embedder, cur.copy_embedder):
+                if phase_ref(embedder.weights) is None:
+                    embedder.weights = absolute(embedder.weights)
     curate = [p.name for p in job.phases if p.kind == "curate"]
     for key in ("train", "eval_train", "eval_test"):
         url = getattr(job.data, key)
