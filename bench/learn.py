@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import build_backbone, normalize_images  # noqa: E402
 from model.schedules import apply_schedules, build_schedules, param_groups  # noqa: E402
 from orchestrator.pipeline import config  # noqa: E402
-from orchestrator.eval import knn as evaluate  # noqa: E402
+from orchestrator.eval import features, knn as evaluate  # noqa: E402
 from orchestrator.training import setup  # noqa: E402
 from orchestrator.data.loader import MultiCropLoader  # noqa: E402
 
@@ -55,8 +55,8 @@ def load_split(url: str, image_size: int, cache: str | None) -> tuple[torch.Tens
         d = torch.load(cache, weights_only=True)
         return d["x"], d["y"]
     imgs, labels = [], []
-    for data, label in evaluate.iter_labelled(url):
-        imgs.append(evaluate._to_tensor(data, image_size))
+    for data, label in features.iter_labelled(url):
+        imgs.append(features.to_tensor(data, image_size))
         labels.append(label)
     x, y = torch.stack(imgs), torch.tensor(labels)
     if cache:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import model as dmodel
-from orchestrator.eval import knn as evaluate
+from orchestrator.eval import features, knn as evaluate
 from orchestrator.eval import export
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2_hub_state_dicts.json"
@@ -30,7 +30,7 @@ def test_weighted_knn_against_a_hand_computed_case():
 def test_arch_is_inferred_from_released_state_dicts(name):
     ref = json.loads(REFERENCE.read_text())[name]
     sd = {k: torch.empty(v, device="meta") for k, v in ref["state_dict"].items()}
-    net = dmodel.build_backbone(device="meta", **evaluate.infer_arch(sd))
+    net = dmodel.build_backbone(device="meta", **features.infer_arch(sd))
     assert {k: list(v.shape) for k, v in net.state_dict().items()} == ref["state_dict"]
 
 
@@ -39,8 +39,8 @@ def test_export_round_trip_loads_strict(tmp_path, fmt):
     net = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4, num_register_tokens=4)
     out = tmp_path / f"w.{fmt}"
     export.export_state_dict(net.state_dict(), fmt, str(out))
-    sd = evaluate.load_state_dict(str(out))
-    again = evaluate.backbone_from_state_dict(sd)
+    sd = features.load_state_dict(str(out))
+    again = features.backbone_from_state_dict(sd)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(again(x), net.eval()(x))
 
@@ -55,14 +55,14 @@ def test_knn_eval_split_into_parallel_groups_matches_one_group(cifar_shards):
     torch.manual_seed(0)
     net = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4, layerscale_init=None)
     sd = net.state_dict()
-    items = evaluate.shard_plan(cifar_shards["train"], limit=7000)  # cuts the second 5,000-image shard
+    items = features.shard_plan(cifar_shards["train"], limit=7000)  # cuts the second 5,000-image shard
     assert [n for _, n in items] == [5000, 2000]
-    groups = evaluate._split_work(items + evaluate.shard_plan(cifar_shards["test"], limit=500), 3)
+    groups = features.split_work(items + features.shard_plan(cifar_shards["test"], limit=500), 3)
     assert [sum(b - a for _, a, b in g) for g in groups] == [2500, 2500, 2500]
     assert [[(a, b) for _, a, b in g] for g in groups] == [[(0, 2500)], [(2500, 5000)], [(0, 2000), (0, 500)]]
-    whole = [(u, 0, n) for u, n in items + evaluate.shard_plan(cifar_shards["test"], limit=500)]
-    f1, l1 = evaluate.embed_shards(sd, whole, 32)
-    parts = [evaluate.embed_shards(sd, g, 32) for g in groups]
+    whole = [(u, 0, n) for u, n in items + features.shard_plan(cifar_shards["test"], limit=500)]
+    f1, l1 = features.embed_shards(sd, whole, 32)
+    parts = [features.embed_shards(sd, g, 32) for g in groups]
     assert torch.equal(torch.cat([lab for _, lab in parts]), l1) and len(l1) == 7500
     torch.testing.assert_close(torch.cat([f for f, _ in parts]), f1, atol=1e-5, rtol=0)
     calls = []

@@ -26,7 +26,7 @@ import torch
 
 import model as dmodel
 from conftest import BIN
-from orchestrator.eval import knn as evaluate
+from orchestrator.eval import features
 from orchestrator.training import setup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_smoke_pipeline_end_to_end_via_the_readme_cluster_commands(tmp_path, cif
 
     # export round trip: the exported student loads into build_backbone with strict=True
     exported = torch.load(run / "exports" / "distill-vit_pico.pth", weights_only=True)
-    net = dmodel.build_backbone(**evaluate.infer_arch(exported))
+    net = dmodel.build_backbone(**features.infer_arch(exported))
     net.load_state_dict(exported, strict=True)
     assert (run / "report" / "report.md").exists() and (run / "report" / "losses.png").stat().st_size > 1000
 

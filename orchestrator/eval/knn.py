@@ -14,12 +14,6 @@ import time
 import torch
 
 from orchestrator.eval import features
-# the feature helpers under their historical names (bench/learn.py, tests, H4's curation use them from here)
-from orchestrator.eval.features import (backbone_from_state_dict, embed_shards, infer_arch,  # noqa: F401
-                                        iter_labelled, load_state_dict, shard_plan)
-
-_to_tensor = features.to_tensor
-_split_work = features.split_work
 
 
 # --------------------------------------------------------------------------- k-NN
