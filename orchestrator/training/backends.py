@@ -284,7 +284,7 @@ class DeepSpeedBackend(Backend):
             return t.detach().cpu().view(p.shape) if self.rank == 0 else None
         part = (p.ds_tensor if local is None else local).detach().reshape(-1)
         out = torch.empty(part.numel() * self.world, dtype=part.dtype, device=part.device)
-        dist.all_gather_into_tensor(out, part.contiguous())
+        dist.all_gather_single(out, part.contiguous())
         return out[:p.ds_numel].view(p.ds_shape).cpu() if self.rank == 0 else None
 
     def full_tensors(self):

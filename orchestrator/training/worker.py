@@ -81,7 +81,13 @@ class StepResult:
 
 def worker_loop(cfg: dict) -> None:
     """One Ray Train worker. `cfg` (train_loop_config): resolved, config_hash, phase_dir,
-    student_arch, teacher (see driver.run_phase)."""
+    student_arch, teacher (see driver.run_phase). Its stdout and stderr go to the phase's worker log."""
+    from orchestrator.pipeline import console
+    with console.worker_output(cfg["phase_dir"].worker_log(dist.get_rank())):
+        _train(cfg)
+
+
+def _train(cfg: dict) -> None:
     worker = start(cfg)
     batches, t_start, losses = _batches(worker), time.perf_counter(), {}
     while worker.state.step < worker.steps:
@@ -202,7 +208,7 @@ def _gather_parts(loss, parts, world) -> torch.Tensor:
     if world == 1:
         return v[None]
     out = torch.empty(world * v.numel())
-    dist.all_gather_into_tensor(out, v)
+    dist.all_gather_single(out, v)
     return out.view(world, -1)
 
 
