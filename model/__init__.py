@@ -14,7 +14,7 @@ _EXPORTS = {
     "ARCHS": "vit", "HUB_MODELS": "vit", "DinoVisionTransformer": "vit", "build_backbone": "vit",
     "build_hub_backbone": "vit", "flops_per_image": "vit", "ssl_flops_per_image": "vit",
 }
-_SUBMODULES = ("distill", "ema", "heads", "losses", "masking", "recipes", "schedules", "ssl", "vit")
+_SUBMODULES = ("distill", "drop_path", "ema", "heads", "losses", "masking", "recipes", "schedules", "ssl", "vit")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from model import losses as L
-from model.vit import Block, _add_subset_residual
+from model.drop_path import add_subset_residual
+from model.vit import Block
 
 
 def _index_add_residual(x, idx, branch, scale):
@@ -20,7 +21,7 @@ def test_subset_residual_equals_index_add_values_and_gradients():
     for B, idx in ((8, [5, 0, 6, 2, 7, 1]), (8, [3]), (5, [4, 0, 1, 2, 3]), (6, [2, 3])):
         idx = torch.tensor(idx)
         grads = []
-        for fn in (_index_add_residual, _add_subset_residual):
+        for fn in (_index_add_residual, add_subset_residual):
             x = torch.randn(B, 4, 16, generator=torch.Generator().manual_seed(B), requires_grad=True)
             lin.zero_grad()
             y = fn(x, idx, lin, B / len(idx))
