@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -66,44 +60,6 @@ def cifar_shards(tmp_path_factory):
     from orchestrator.demo import build_cifar_shards
 
     return build_cifar_shards(tmp_path_factory.mktemp("cifar-shards"), log=lambda *_: None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head --block` on 127.0.0.1; stopped by killing its process group, so other Ray
-    instances on the machine are left alone. A short --temp-dir keeps socket paths under 107 chars."""
-    # RAY_AUTH_MODE pinned: with a ~/.ray/auth_token left on the machine, Ray 2.60's dashboard turns token
-    # auth on while the CLI sends none; a local test cluster on 127.0.0.1 needs neither.
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
-    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 180
-        while subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
-            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
-            time.sleep(2)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 SMOKE_STEPS = 100  # the smoke job's pretrain recipe, shortened (180 in jobs/smoke_cpu.yaml)

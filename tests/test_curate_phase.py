@@ -168,8 +168,8 @@ def test_retrieval_sample_and_cluster_modes(tmp_path, embedder, local_ray):
 
 
 def _kill_during_embedding(job_file: Path, emb_root: Path, tmp: Path) -> None:
-    """Start `python -m orchestrator.curate.phase JOB` and SIGKILL its process group once a shard is embedded."""
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.curate.phase", str(job_file)], cwd=REPO,
+    """Start `dinoray curate JOB` (python -m orchestrator.cli curate JOB) and SIGKILL its process group once a shard is embedded."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "curate", str(job_file)], cwd=REPO,
                             start_new_session=True, stdout=open(tmp / "first.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

@@ -288,16 +288,3 @@ def cmd_curate(args) -> int:
         return 2
     print(json.dumps(res["metrics"]))
     return 0
-
-
-def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.curate.phase")
-    parser.add_argument("job")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--phase", default=None, help="the curate phase to run (default: the job's only one)")
-    return cmd_curate(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
