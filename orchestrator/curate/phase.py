@@ -191,22 +191,16 @@ def _items(pool: dict, reasons: dict[str, dict], selected: np.ndarray) -> list[d
             for j, i in enumerate(selected.tolist())]
 
 
-def _connect_ray(job):
-    import ray
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    return ray
-
-
 def run_curate(job, phase, layout: RunLayout, log=print) -> dict:
     """Run (or resume) curate phase `phase` of `job`; -> {"metrics": {"counts": ..., "shards": URL}}."""
     cfg, pdir = phase.curate, layout.phase(phase.name)
     _preflight(job, phase, layout)
-    ray = _connect_ray(job)
+    from orchestrator.pipeline.controller import connect_ray  # the pipeline's one way to start Ray
+    ray = connect_ray(job)
     progress = _Progress(job.name, phase.name, log)
-    config = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    stages = {"load": lambda s: _load(pdir.curate_stage(s, "npz"), config),
-              "save": lambda s, arrays: _save(pdir.curate_stage(s, "npz"), arrays, config)}
+    settings_hash = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    stages = {"load": lambda s: _load(pdir.curate_stage(s, "npz"), settings_hash),
+              "save": lambda s, arrays: _save(pdir.curate_stage(s, "npz"), arrays, settings_hash)}
     try:
         progress.stage("embed")
         emb = _embed_all(job, phase, layout, progress)

@@ -70,7 +70,6 @@ def run_export(job, phase, layout: RunLayout, log) -> dict:
 
 def run_curate(job, phase, layout: RunLayout, log) -> dict:
     from orchestrator.curate import phase as curate_phase
-    connect_ray(job)
     return curate_phase.run_curate(job, phase, layout, log)
 
 

@@ -13,9 +13,6 @@ from model.losses import LOSS_PARTS
 from orchestrator.layout import RunLayout
 from orchestrator.pipeline import config
 
-TRAINING_KINDS = config.TRAINING_KINDS
-
-
 def trained_parts(model_cfg) -> list[str]:
     """The loss terms a phase really trains: those whose weight (`<term>_loss_weight`) is above 0."""
     return [part for part in LOSS_PARTS if getattr(model_cfg, f"{part.split('_')[0]}_loss_weight", 0) > 0]
@@ -86,7 +83,7 @@ def write_report(job, layout: RunLayout, run_state: dict) -> str:
 
     curves = {}   # phase folder -> (metrics records, trained loss terms)
     for phase in job.phases:
-        if phase.kind in TRAINING_KINDS:
+        if phase.kind in config.TRAINING_KINDS:
             parts = trained_parts(config.resolve(job, phase).model)
             for key, phase_dir in layout.phase_dirs(phase).items():
                 curves[key] = (phase_dir.metrics.read_jsonl(), parts)
@@ -96,7 +93,7 @@ def write_report(job, layout: RunLayout, run_state: dict) -> str:
              "| phase | kind | state | steps | time (s) | final loss | results (vs yardsticks) |",
              "|---|---|---|---|---|---|---|"]
     for phase, entry in zip(job.phases, run_state["phases"]):
-        keys = list(layout.phase_dirs(phase)) if phase.kind in TRAINING_KINDS else []
+        keys = list(layout.phase_dirs(phase)) if phase.kind in config.TRAINING_KINDS else []
         final = "; ".join(f"{k}: {curves[k][0][-1]['loss']:.4f}" for k in keys if curves[k][0])
         results = "; ".join(f"{src}: {results_line(res)}" for src, res in entry.get("metrics", {}).items()) \
             if entry["kind"] == "eval" else ""
