@@ -113,16 +113,22 @@ class Checkpointer:
         return {"model": msd, "optim": osd}
 
     def _save_dcp(self, ckpt: Store, step: int) -> None:
+        """DCP's planner and layout, raw bytes per rank file (`ckpt_io.RawWriter`). Async: the copy to
+        host buffers runs in the background too; the optimiser's next step waits for it (`ckpt_io.Stager`)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        from orchestrator.training import ckpt_io
         state = self._dcp_state()
-        writer = (dcp.FileSystemWriter(ckpt.local_path) if ckpt.is_local  # no fsspec layer
-                  else FsspecWriter(ckpt.url, **ckpt.fsspec_options()))
+        writer, planner = ckpt_io.RawWriter(ckpt), ckpt_io.planner()
         if self.async_save:
-            fut = dcp.async_save(state, storage_writer=writer, process_group=self._pg)
-            self._pending = (step, ckpt, fut, time.perf_counter())
+            if getattr(self, "_stager", None) is None:  # one per Checkpointer: its host buffers are reused
+                self._stager = ckpt_io.Stager(self.backend.optimizer)
+            state = ckpt_io.snapshot_buffers(state, self.backend.meta)
+            resp = dcp.async_save(state, storage_writer=writer, planner=planner, process_group=self._pg,
+                                  async_stager=self._stager.dcp)
+            self._stager.started(resp.staging_completion)
+            self._pending = (step, ckpt, resp.upload_completion, time.perf_counter())
         else:
-            dcp.save(state, storage_writer=writer)
+            dcp.save(state, storage_writer=writer, planner=planner)
             self._barrier()
             self._commit(step, ckpt)
 
@@ -214,12 +220,12 @@ class Checkpointer:
 
     def _load_dcp(self, ckpt: Store) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         from torch.distributed.checkpoint.state_dict import set_state_dict
+        from orchestrator.training import ckpt_io
+        if getattr(self, "_stager", None) is not None:
+            self._stager.fence()  # never load into tensors a background copy is still reading
         state = self._dcp_state()
-        reader = (dcp.FileSystemReader(ckpt.local_path) if ckpt.is_local
-                  else FsspecReader(ckpt.url, **ckpt.fsspec_options()))
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=ckpt_io.RawReader(ckpt))
         set_state_dict(self.backend.meta, self.backend.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
