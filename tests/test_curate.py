@@ -43,12 +43,38 @@ def test_self_dedup_removes_exact_and_near_copies():
     rng = np.random.default_rng(1)
     copies = _unit(x[:50] + 0.02 * rng.normal(size=(50, x.shape[1])))
     pool = np.concatenate([x, copies])
-    cfg = types.SimpleNamespace(k=8, threshold=0.9, exclude_threshold=0.45)
+    cfg = types.SimpleNamespace(k=8, threshold=0.9, exclude_threshold=0.45, whiten=False, normalize=False)
     res = dedup.self_dedup(pool, np.ones(len(pool), bool), cfg, FLAT)
     assert res["duplicates"] == 50 and res["keep"][:200].all() and not res["keep"][200:].any()
     exclude = _unit(x[100:110] + 0.02 * rng.normal(size=(10, x.shape[1])))
     rel = dedup.relative_dedup(pool, res["component"], res["keep"], exclude, cfg, FLAT)
     assert rel["dropped_components"] == 10 and not rel["keep"][100:110].any() and rel["keep"].sum() == 190
+
+
+def test_multiview_dedup_matches_crop_views_with_background_margins():
+    """role: copy rows (full view + crop views): a copy whose full view matches one crop view of its original
+    is found; with dedup.normalize the threshold is a margin above each image's background neighbours."""
+    from orchestrator.curate import copydesc
+    rng = np.random.default_rng(3)
+    n, views, dim = 300, 5, 32
+    emb = _unit(rng.normal(size=(n * views, dim))).reshape(n, views, dim)  # background cosines ~ N(0, 0.18)
+    for copy, orig in ((299, 0), (298, 1)):
+        emb[copy, 0] = _unit(emb[orig, 3:4] + 0.05 * rng.normal(size=(1, dim)))[0]
+    cfg = types.SimpleNamespace(k=16, threshold=0.35, exclude_threshold=0.35, whiten=False, normalize=True)
+    res = dedup.self_dedup(emb.reshape(n, -1), np.ones(n, bool), cfg, FLAT, views=views)
+    assert res["duplicates"] == 2 and res["component"][299] == 0 and res["component"][298] == 1
+    raw = dedup.self_dedup(emb.reshape(n, -1), np.ones(n, bool), types.SimpleNamespace(**{**vars(cfg), "normalize": False,
+                           "threshold": 0.9}), FLAT, views=views)
+    assert raw["duplicates"] == 2  # the copies' raw cosine ~0.96; the background's best ~0.6
+    exclude = _unit(rng.normal(size=(2 * views, dim))).reshape(2, views, dim)
+    exclude[0, 0] = _unit(emb[7, 2:3] + 0.05 * rng.normal(size=(1, dim)))[0]  # its full view: a crop of pool image 7
+    exclude[1, 4] = _unit(emb[5, 0:1] + 0.05 * rng.normal(size=(1, dim)))[0]  # one of its crops: pool image 5
+    rel = dedup.relative_dedup(emb.reshape(n, -1), res["component"], res["keep"], exclude.reshape(2, -1), cfg,
+                               FLAT, views=views)
+    assert set(np.nonzero(~rel["keep"] & res["keep"])[0]) == {5, 7}  # both directions of the search
+    w = copydesc.whiten_fit(emb.reshape(-1, dim))
+    assert np.allclose(np.linalg.norm(copydesc.whiten(emb[:, 0], w), axis=1), 1, atol=1e-5)
+    assert len(copydesc.crop_boxes(32, [0.65, 0.75, 0.85], 3)) == 27
 
 
 def test_ivfpq_recall_against_exact():

@@ -1,16 +1,20 @@
 """The curate phase end to end on real CIFAR-10 JPEGs and local Ray (issue 12 "Tests").
 
-Embedder, built by the tests (no downloaded weights): `smoke_backbone` (tests/conftest.py), the smoke
-job's DINOv2 pretrain of vit_pico/4 at 32 px for 100 steps on CIFAR-10 train, for both copy detection
-and retrieval. Copy detection with it is weak (32 px images, 2 blocks): the planted-copy test prints
-precision and recall and asserts the levels it reaches, which are below the issue's 90% / 2% (see
-docs/curation.md for the numbers and what was tried).
+Embedders, built by the tests (no downloaded weights):
+- retrieval (`embedder`): `smoke_backbone` (tests/conftest.py), the smoke job's DINOv2 pretrain of
+  vit_pico/4 at 32 px for 100 steps on CIFAR-10 train; its CLS token.
+- copy detection (`copy_embedder`, the planted-copy test): that backbone fine-tuned COPY_STEPS steps with
+  SSCD-style InfoNCE on (image, edited copy) pairs of COPY_IMAGES CIFAR-10 *train* images
+  (orchestrator/curate/copydesc.finetune, about a minute), used with `role: copy` (patch tokens pooled to
+  a 4x4 grid, 54 crop views), PCA-whitening fit on the pool and background score normalisation
+  (dedup.whiten, dedup.normalize). The planted copies are of *test* images: none was seen in training.
 
     flock /tmp/dinoray-heavy.lock .venv/bin/python -m pytest tests/test_curate_phase.py -x -q -s
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -31,11 +35,14 @@ from orchestrator.storage import Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
-# Copy detection with the smoke backbone (module doc): thresholds for this embedder, and the levels it reaches.
-THRESHOLD = 0.95          # the paper's 0.6 is for its SSCD copy-detection descriptor
-EXCLUDE_THRESHOLD = 0.9   # the paper's 0.45, likewise
-MIN_RECALL = 0.2          # measured: self-dedup 0.27 (8/30), relative 0.20 (4/20); the issue asks 0.9
-MAX_FALSE = 0.1           # measured: 0.074 of the images without a copy removed; the issue asks 0.02
+CLS_THRESHOLD = 0.95      # dedup on the smoke backbone's CLS (pipeline test): raw cosines of a semantic embedder
+COPY_STEPS, COPY_IMAGES, COPY_EDITS = 200, 4000, 2  # the copy-detection fine-tune (module doc)
+# Copy detection (module doc): margins above the background after whitening, not raw cosines like the paper's
+# 0.6 / 0.45 (which belong to SSCD's own descriptor space); measured in docs/curation.md.
+THRESHOLD = 0.12
+EXCLUDE_THRESHOLD = 0.10  # lower than the self margin, as the paper's 0.45 is below its 0.6
+MIN_RECALL = 0.9          # issue 12: self-dedup removes >= 90% of planted copies ...
+MAX_FALSE = 0.02          # ... and <= 2% of the images without a copy; relative dedup >= 90% of exclude copies
 
 
 def _cifar(tar_path, limit=None) -> list[tuple[str, bytes]]:
@@ -61,6 +68,26 @@ def _shards(folder: Path, images: list[tuple[str, bytes]], per_shard: int) -> tu
 def embedder(smoke_backbone, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("embedder") / "backbone.pth"
     torch.save(smoke_backbone, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def copy_embedder(smoke_backbone, tmp_path_factory) -> str:
+    """`smoke_backbone` fine-tuned for copy detection (module doc) on CIFAR-10 train images and their edits."""
+    from orchestrator.curate import copydesc
+    from orchestrator.eval.features import to_tensor
+    train = _cifar(SHARED / "data" / "cifar10" / "train.tar")
+    rng = np.random.default_rng(0)
+    datas = [train[i][1] for i in rng.choice(len(train), COPY_IMAGES, replace=False)]
+    images = torch.stack([to_tensor(d, 32) for d in datas])
+    copies = torch.stack([torch.stack([to_tensor(edits.random_copy(d, rng), 32) for d in datas])
+                          for _ in range(COPY_EDITS)])
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):
+        sd = copydesc.finetune(smoke_backbone, images, copies, steps=COPY_STEPS, seed=0, log=lambda *_: None)
+    print(f"\ncopy-detection fine-tune: {COPY_STEPS} steps in {time.time() - t0:.0f} s")
+    path = tmp_path_factory.mktemp("copy-embedder") / "copy.pth"
+    torch.save(sd, path)
     return str(path)
 
 
@@ -93,8 +120,9 @@ def _kept_sources(out_url: str) -> set[str]:
     return {img["source_sample"] for img in index["curation"]["images"].values()}, index
 
 
-def test_planted_copies(tmp_path, embedder, local_ray):
-    """Self-dedup removes planted copies; relative dedup removes copies of exclude-set images."""
+def test_planted_copies(tmp_path, embedder, copy_embedder, local_ray):
+    """Self-dedup removes >= 90% of planted copies and <= 2% of the images without one; relative dedup
+    removes >= 90% of the copies of exclude-set images (issue 12), with the fine-tuned copy embedder."""
     from orchestrator.data.verify import verify
     test = _cifar(CIFAR_TEST_TAR)
     by_class = {}
@@ -111,28 +139,36 @@ def test_planted_copies(tmp_path, embedder, local_ray):
     pool, names = _shards(tmp_path / "pool", originals + planted + ex_copies, per_shard=50)
     exclude, _ = _shards(tmp_path / "exclude", excluded, per_shard=50)
     job = _job(tmp_path, {"pool": pool, "exclude": [exclude], "embedder": {"weights": embedder},
-                          "dedup": {"threshold": THRESHOLD, "exclude_threshold": EXCLUDE_THRESHOLD},
+                          "copy_embedder": {"weights": copy_embedder, "role": "copy"},
+                          "dedup": {"threshold": THRESHOLD, "exclude_threshold": EXCLUDE_THRESHOLD,
+                                    "whiten": True, "normalize": True},
                           "samples_per_shard": 64})
     res, lines = _run(job)
     kept, index = _kept_sources(res["metrics"]["shards"])
     name_of = {f"{k:09d}": rel for k, rel in enumerate(names)}
-    kept_names = {name_of[k] for k in kept}
+    kept_names = {name_of[k] for k in kept}  # after both stages
+    from orchestrator.layout import RunLayout
+    stage = RunLayout.of(job).phase("curate").curate_stage("dedup", "npz")  # pool order = sorted names
+    self_keep = np.load(io.BytesIO(stage.read_bytes()))["keep"]
+    after_self = {rel for rel, keep in zip(names, self_keep) if keep}
     pairs = [(rel, f"{rel.split('/')[0]}/copy-{rel.split('/')[1]}") for rel, _ in copied]
-    caught = sum(not (a in kept_names and b in kept_names) for a, b in pairs)
     lonely = [rel for rel, _ in originals if rel not in {a for a, _ in pairs}]
-    lost = sum(rel not in kept_names for rel in lonely)
+    caught = sum(not (a in after_self and b in after_self) for a, b in pairs)
+    lost = sum(rel not in after_self for rel in lonely)
+    removed = len(names) - len(after_self)
     ex_caught = sum(rel not in kept_names for rel, _ in ex_copies)
-    removed = len(names) - len(kept_names)
-    recall, false_rate = caught / len(pairs), lost / len(lonely)
+    lost_both = sum(rel not in kept_names for rel in lonely)
+    recall, false_rate, ex_recall = caught / len(pairs), lost / len(lonely), ex_caught / len(ex_copies)
     precision = (removed - lost) / max(removed, 1)
-    print(f"\nplanted copies (threshold {THRESHOLD}): self-dedup recall {recall:.2f} ({caught}/{len(pairs)}), "
-          f"images without a copy removed {false_rate:.3f} ({lost}/{len(lonely)}), precision {precision:.2f}; "
-          f"relative dedup (exclude {EXCLUDE_THRESHOLD}) recall {ex_caught / len(ex_copies):.2f} "
-          f"({ex_caught}/{len(ex_copies)}); counts {index['curation']['counts']}")
+    print(f"\nplanted copies: self-dedup (margin {THRESHOLD}) recall {recall:.2f} ({caught}/{len(pairs)}), images "
+          f"without a copy removed {false_rate:.3f} ({lost}/{len(lonely)}), precision {precision:.2f} "
+          f"({removed - lost}/{removed}); relative dedup (margin {EXCLUDE_THRESHOLD}) recall {ex_recall:.2f} "
+          f"({ex_caught}/{len(ex_copies)}); images without a copy removed by both stages {lost_both}/{len(lonely)}; "
+          f"counts {index['curation']['counts']}")
     assert verify(Store(res["metrics"]["shards"])) == []
-    assert index["curation"]["counts"]["pool"] == len(names) == 350
-    assert recall >= MIN_RECALL and false_rate <= MAX_FALSE and ex_caught / len(ex_copies) >= 0.75 * MIN_RECALL
-    assert recall >= 2 * false_rate  # copies go far more often than other images: detection, not chance
+    assert index["curation"]["counts"]["pool"] == len(names) == len(self_keep) == 350
+    assert recall >= MIN_RECALL and false_rate <= MAX_FALSE and ex_recall >= MIN_RECALL
+    assert lost_both / len(lonely) <= 2 * MAX_FALSE  # the exclude stage adds few false removals of its own
     assert any("stage dedup" in ln for ln in lines) and any("stage write" in ln for ln in lines)
 
 
@@ -213,7 +249,11 @@ def test_bad_inputs_are_refused_clearly(tmp_path, embedder):
     cases = [({**base, "dedup": {"threshold": 1.5}}, r"curate.dedup.threshold: 1.5 is outside \(0, 1\]"),
              ({**base, "dedup": {"exclude_threshold": 0}}, r"curate.dedup.exclude_threshold: 0.0 is outside"),
              ({**base, "retrieve": {"seeds": [{"url": pool}]}}, r"seeds\[0\].name: every seed set needs its own name"),
-             ({**base, "embedder": {"weights": "phase:pretrain"}}, r"'phase:pretrain' names no earlier phase")]
+             ({**base, "embedder": {"weights": "phase:pretrain"}}, r"'phase:pretrain' names no earlier phase"),
+             ({**base, "embedder": {"weights": embedder, "role": "copy"}}, r"embedder.role: the retrieval embedder's"),
+             ({**base, "copy_embedder": {"role": "copy"}}, r"copy_embedder.weights: role: copy needs its own weights"),
+             ({**base, "copy_embedder": {"weights": embedder, "role": "copy", "crop_scales": [0.7, 1.2]}},
+              r"crop_scales in \(0, 1\]")]
     for curate, message in cases:
         with pytest.raises(config.ConfigError, match=message):
             _job(tmp_path, curate)
@@ -245,7 +285,7 @@ def test_curate_phase_feeds_pretrain(tmp_path, embedder, local_ray):
     raw["optim"].update(batch_size=16, warmup_iters=0, freeze_last_layer_iters=0, min_lr=1e-5)
     raw["phases"] = [
         {"name": "curate", "kind": "curate",
-         "curate": {"pool": pool, "embedder": {"weights": embedder}, "dedup": {"threshold": THRESHOLD},
+         "curate": {"pool": pool, "embedder": {"weights": embedder}, "dedup": {"threshold": CLS_THRESHOLD},
                     "retrieve": {"seeds": [{"name": "test-odd", "url": seeds, "k": 4}]}, "samples_per_shard": 40}},
         {"name": "pretrain", "kind": "pretrain", "steps": 3}]
     job = config.job_from_dict(raw, source="curated.yaml")

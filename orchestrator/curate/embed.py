@@ -78,11 +78,19 @@ class _Decode:
 
 
 class _Embedder:
-    """map_batches actor: loads the backbone once, embeds uint8 images to L2-normalised fp16 CLS features."""
+    """map_batches actor: loads the backbone once, embeds uint8 images to L2-normalised fp16 CLS features,
+    or with a copy descriptor (`descriptor_json`: role copy settings) to copydesc.copy_embedder's rows."""
 
-    def __init__(self, weights_url: str, options_json: str):
+    def __init__(self, weights_url: str, options_json: str, descriptor_json: str = "null"):
         from orchestrator.eval import features
-        self.embed = features.make_embedder(Store(weights_url, json.loads(options_json)), "cls")
+        weights, descriptor = Store(weights_url, json.loads(options_json)), json.loads(descriptor_json)
+        if descriptor:
+            from types import SimpleNamespace
+
+            from orchestrator.curate import copydesc
+            self.embed = copydesc.copy_embedder(weights, SimpleNamespace(**descriptor))
+        else:
+            self.embed = features.make_embedder(weights, "cls")
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -103,9 +111,10 @@ def _write_shard(folder: Store, name: str, rows: list[dict], set_url: str) -> No
 
 def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_size: int = 256,
               concurrency: tuple[int, int] = (1, 2), use_gpu: bool = False, log=print, on_rate=None,
-              shard_sleep_s: float = 0.0) -> dict:
+              shard_sleep_s: float = 0.0, descriptor: dict | None = None) -> dict:
     """Embed every shard of `src` that `out` has no keys file for; -> {"shards", "embedded", "images", "seconds"}.
-    `on_rate(images_per_s, n)` is called after each written shard of n images (the Prometheus gauge)."""
+    `on_rate(images_per_s, n)` is called after each written shard of n images (the Prometheus gauge);
+    `descriptor`: the copy-descriptor settings of a `role: copy` embedder (None: CLS)."""
     import ray
     shards, folder, _ = shard_list(src)
     size = check_embedder(weights, image_size)
@@ -121,7 +130,7 @@ def embed_set(src: Store, out: Store, weights: Store, image_size: int, *, batch_
     ctx.enable_progress_bars = False  # our own per-shard log lines say the same, once per shard
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_Decode(size), batch_size=1, batch_format="numpy")
-    ds = ds.map_batches(_Embedder, fn_constructor_args=(weights.url, json.dumps(weights.options)),
+    ds = ds.map_batches(_Embedder, fn_constructor_args=(weights.url, json.dumps(weights.options), json.dumps(descriptor)),
                         batch_size=batch_size, concurrency=tuple(concurrency), num_gpus=1 if use_gpu else 0,
                         batch_format="numpy")
     expected, pending = dict(todo), {}

@@ -40,9 +40,23 @@ def _weights(job, layout: RunLayout, cfg) -> Store:
     return Store(cfg.weights, job.storage_options)
 
 
-def _role(weights: Store, size: int) -> str:
-    """Embedding folder name of one embedder: the same weights at the same size share embeddings."""
-    return "emb-" + hashlib.sha256(f"{weights.url}\0{size}".encode()).hexdigest()[:12]
+def _descriptor(emb_cfg) -> dict | None:
+    """The copy-descriptor settings of a `role: copy` embedder (curate/copydesc.py); None for CLS."""
+    if emb_cfg.role != "copy":
+        return None
+    return {k: getattr(emb_cfg, k) for k in ("copy_grid", "crop_scales", "crop_grid", "crop_flip")}
+
+
+def _views(emb_cfg) -> int:
+    """Descriptors per image in the embeddings of this embedder (1 for CLS)."""
+    from orchestrator.curate import copydesc
+    return copydesc.n_views(emb_cfg) if emb_cfg.role == "copy" else 1
+
+
+def _role(weights: Store, size: int, descriptor: dict | None = None) -> str:
+    """Embedding folder name of one embedder: the same weights, size and descriptor share embeddings."""
+    extra = "" if descriptor is None else "\0" + json.dumps(descriptor, sort_keys=True)
+    return "emb-" + hashlib.sha256(f"{weights.url}\0{size}{extra}".encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- stage files
@@ -109,11 +123,12 @@ def _embed_all(job, phase, layout: RunLayout, progress: _Progress) -> dict:
     for role, emb_cfg in (("copy", copy_cfg), ("ret", cfg.embedder)):
         weights = _weights(job, layout, emb_cfg)
         size = embed.check_embedder(weights, emb_cfg.image_size)
-        folders = {n: pdir.curate_embeddings(_role(weights, size), n) for n in needs[role]}
+        descriptor = _descriptor(emb_cfg)
+        folders = {n: pdir.curate_embeddings(_role(weights, size, descriptor), n) for n in needs[role]}
         for name in needs[role]:
             embed.embed_set(sets[name], folders[name], weights, size, batch_size=emb_cfg.batch_size,
                             concurrency=cfg.actors, use_gpu=job.use_gpu, log=progress.log,
-                            on_rate=progress.rate(name), shard_sleep_s=job.debug.step_sleep_s)
+                            on_rate=progress.rate(name), shard_sleep_s=job.debug.step_sleep_s, descriptor=descriptor)
         out[role] = folders
     return out
 
@@ -121,11 +136,12 @@ def _embed_all(job, phase, layout: RunLayout, progress: _Progress) -> dict:
 def _dedup_stages(cfg, pool: dict, excludes: list[np.ndarray], stages: dict, progress: _Progress) -> dict:
     """Self-dedup then relative dedup, each resumed from its stage file; -> {"keep_dedup", "keep"}."""
     ok = pool["ok"]
+    views = _views(cfg.copy_embedder if cfg.copy_embedder.weights else cfg.embedder)
     done = stages["load"]("dedup")
     if done is None:
         progress.stage("dedup")
         if cfg.dedup.enabled:
-            res = dedup.self_dedup(pool["emb"], ok, cfg.dedup, cfg.search, cfg.seed)
+            res = dedup.self_dedup(pool["emb"], ok, cfg.dedup, cfg.search, cfg.seed, views=views)
             progress.log(f"[curate] dedup ({res['index']['index']}): {res['duplicates']} copies in "
                          f"{int(ok.sum())} images, {int(res['keep'].sum())} kept")
             done = {"keep": res["keep"], "component": res["component"]}
@@ -138,7 +154,7 @@ def _dedup_stages(cfg, pool: dict, excludes: list[np.ndarray], stages: dict, pro
         progress.stage("exclude")
         ex = np.concatenate(excludes) if excludes else np.zeros((0, pool["emb"].shape[1]), np.float32)
         res = dedup.relative_dedup(pool["emb"], done["component"], done["keep"], ex,
-                                   cfg.dedup, cfg.search, cfg.seed)
+                                   cfg.dedup, cfg.search, cfg.seed, views=views, ok=ok)
         progress.log(f"[curate] exclude: {res['hits']} pool images near {len(ex)} exclude images, "
                      f"{res['dropped_components']} components dropped, {int(res['keep'].sum())} kept")
         after = {"keep": res["keep"]}
