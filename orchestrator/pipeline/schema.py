@@ -160,6 +160,13 @@ class CurateEmbedderCfg:
     weights: str = ""        # phase:NAME (that phase's final/) or an exported dinov2-named file / final/ folder URL
     image_size: int = 0      # pixels; 0 = the weights' training size; must be a multiple of the patch size
     batch_size: int = 256    # images per forward pass in each embedding actor (memory bound, not a recipe value)
+    role: Literal["retrieval", "copy"] = "retrieval"  # retrieval: L2-normalised CLS. copy: curate/copydesc.py's
+                             # copy-detection descriptor (patch tokens pooled to a grid, multi-crop views); for copy_embedder
+    copy_grid: int = 4       # role copy: patch-token cells per side of the descriptor (4: 16 cells x dim)
+    crop_scales: list[float] = field(default_factory=lambda: [0.65, 0.75, 0.85])  # role copy: crop sides (fraction)
+                             # of the extra views; they cover the issue's 70-90% crops after the eval resize (0.62-0.9)
+    crop_grid: int = 3       # role copy: crops per side at each scale (3: 9 positions)
+    crop_flip: bool = True   # role copy: also the crops mirrored (copies may be flipped)
 
 
 @dataclass
@@ -177,6 +184,10 @@ class CurateDedupCfg:
     k: int = 64                    # neighbours per image in the k-NN graph (DINOv2 app. A.2: k = 64)
     threshold: float = 0.6         # cosine above which two pool images are copies (DINOv2 app. A.2: 0.6)
     exclude_threshold: float = 0.45  # cosine to an exclude-set image that drops a component (DINOv2 app. A.2: 0.45)
+    whiten: bool = False           # PCA-whiten the copy descriptors, fit on the pool itself, before both searches
+                                   # (ISC 2021); the thresholds then apply to whitened cosines. SSCD is used unwhitened
+    normalize: bool = False        # subtract the mean similarity of both images to their background neighbours
+                                   # (ranks 2-11; CSLS / ISC 2021 score normalisation): thresholds become margins
 
 
 @dataclass

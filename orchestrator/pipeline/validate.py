@@ -158,6 +158,15 @@ def _check_curate(job: JobSpec, i: int, phase: PhaseSpec, seen: dict[str, int]) 
                  "final/) or the URL of an exported dinov2-named backbone")
         if weights.startswith("phase:") and weights[len("phase:"):] not in seen:
             fail(src, f"{where}.curate.{key}.weights", f"'{weights}' names no earlier phase (earlier: {list(seen)})")
+    if cur.embedder.role == "copy":
+        fail(src, f"{where}.curate.embedder.role", "the retrieval embedder's role is 'retrieval'; give the copy "
+             "descriptor as copy_embedder: {weights: ..., role: copy}")
+    if cur.copy_embedder.role == "copy" and not cur.copy_embedder.weights:
+        fail(src, f"{where}.curate.copy_embedder.weights", "role: copy needs its own weights (a copy-detection "
+             "backbone, e.g. the embedder fine-tuned by orchestrator/curate/copydesc.finetune)")
+    emb = cur.copy_embedder
+    if emb.copy_grid < 1 or emb.crop_grid < 1 or not all(0 < s <= 1 for s in emb.crop_scales):
+        fail(src, f"{where}.curate.copy_embedder", "copy_grid and crop_grid must be >= 1 and crop_scales in (0, 1]")
     for key in ("threshold", "exclude_threshold"):
         value = getattr(cur.dedup, key)
         if not 0 < value <= 1:
