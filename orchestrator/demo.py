@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.pipeline import controller
     job = config.load_job(args.job, args.set)
     print(f"[demo] running {args.job}: phases {[p.name for p in job.phases]}, backend {job.backend}, "
-          f"{job.num_workers} CPU workers, storage {job.storage}/{job.name}")
+          f"{job.workers_range[1]} CPU workers, storage {job.storage}/{job.name}")
     state = controller.run_pipeline(job)
     print("\n" + summary(state))
     print(f"\n[demo] report: {state.get('report')}  (total {time.time() - t0:.0f} s)")

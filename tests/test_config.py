@@ -40,7 +40,13 @@ def test_unknown_key_suggests_the_right_one():
 @pytest.mark.parametrize("override,message", [
     ("crops.global_size=33", "crops.global_size: 33 is not a multiple of model.patch_size=4; use 32"),
     ("phases.highres.crops.global_size=50", "phases[1].crops.global_size: 50 is not a multiple"),
-    ("optim.batch_size=63", "optim.batch_size: 63 is not divisible by num_workers=2"),
+    ("optim.batch_size=63", "optim.batch_size: 63 images cannot be split evenly over 2 workers (num_workers: 2)"),
+    ("num_workers=[3,4]", "optim.batch_size: 64 images cannot be split evenly over 3 workers (num_workers: [3, 4]);"
+                          " use a batch_size that every allowed worker count splits, e.g. 60"),
+    ("num_workers=[2,1]", "num_workers: must be >= 1, or [min, max] with 1 <= min <= max"),
+    ("checkpoint.every_steps=aut", "checkpoint.every_steps: expected an integer, got 'aut' or 'aut' is not one of "
+                                   "['auto']; did you mean 'auto'?"),
+    ("failure.mtbf_hours=0", "failure.mtbf_hours: must be > 0"),
     ("phases.highres.from_phase=pretrian", "depends on 'pretrian', which is not a phase of this job; did you mean 'pretrain'?"),
     ("phases.pretrain.from_phase=eval", "depends on 'eval', which comes later"),
     ("storage=''", "storage: missing storage root"),
@@ -56,6 +62,18 @@ def test_impossible_values_are_refused_with_their_key(override, message):
     with pytest.raises(config.ConfigError) as err:
         load([override])
     assert message in str(err.value)
+
+
+def test_elastic_worker_range_keeps_the_global_batch():
+    """num_workers [min, max]: at every allowed count the micro-batches of all workers make exactly
+    optim.batch_size images, never more per micro-batch than at the maximum count."""
+    job = load(["num_workers=[1,4]", "optim.batch_size=48"])
+    assert job.workers_range == (1, 4) and job.elastic
+    plan = {w: job.accumulation(48, w) for w in range(1, 5)}
+    assert plan == {1: 4, 2: 2, 3: 2, 4: 1}
+    assert all(48 % (w * a) == 0 and 48 // (w * a) <= 48 // 4 for w, a in plan.items())
+    with pytest.raises(config.ConfigError, match="num_workers: an elastic range \\[1, 2\\] needs backend fsdp2 or ddp"):
+        load(["num_workers=[1,2]", "backend=deepspeed"])
 
 
 def test_overrides_and_phase_resolution():

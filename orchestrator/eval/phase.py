@@ -125,18 +125,18 @@ def run_eval(job, phase, layout, log=print) -> dict:
     from orchestrator.pipeline import config
     ev = config.resolve(job, phase).eval
     map_fn, actors, metrics = ray_map(job), ray_options(job), {}
+    tasks = job.workers_range[0]  # an elastic job's minimum: what the cluster surely has
     for key, pdir in layout.phase_dirs(job.phase(phase.from_phase)).items():
         t0 = time.time()
         sd = features.load_state_dict(pdir.final_backbone)
         s = eval_settings(ev, job.data, ev.image_size or features.infer_arch(sd)["img_size"])
-        log(f"[{phase.name}] {'+'.join(s['methods'])} of {key} ({job.num_workers} tasks)")
+        log(f"[{phase.name}] {'+'.join(s['methods'])} of {key} ({tasks} tasks)")
         # the tasks read the weights themselves: no copy of a large backbone per task
-        res = evaluate(pdir.final_backbone, s, job.storage_options, job.num_workers, map_fn, log, actors)
+        res = evaluate(pdir.final_backbone, s, job.storage_options, tasks, map_fn, log, actors)
         log(f"[{phase.name}] {describe(key, res)}")
         if s["baselines"]:
             def run_methods(weights, methods):
-                return evaluate(weights, {**s, "methods": methods}, job.storage_options, job.num_workers, map_fn, log,
-                                actors)
+                return evaluate(weights, {**s, "methods": methods}, job.storage_options, tasks, map_fn, log, actors)
             res["baselines"] = baselines.yardsticks(sd, run_methods, s, layout, log)
             for name, base in res["baselines"].items():
                 log(f"[{phase.name}]   yardstick {describe(name, base)}")

@@ -14,7 +14,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 TRAINING_KINDS = ("pretrain", "highres", "distill")
 
@@ -90,7 +90,8 @@ class DataCfg:
 
 @dataclass
 class CheckpointCfg:
-    every_steps: int = 1000          # steps between checkpoints
+    every_steps: Union[int, Literal["auto"]] = 1000  # steps between checkpoints; "auto": Young-Daly from the
+                                     # measured stall and failure.mtbf_hours (orchestrator/training/interval.py)
     keep_last: int = 3               # committed checkpoints kept
     async_save: bool = True          # DCP async save: training stalls only for staging
 
@@ -115,7 +116,10 @@ class DeepSpeedCfg:
 
 @dataclass
 class FailureCfg:
-    max_failures: int = 3            # Ray worker-group restarts (FailureConfig)
+    max_failures: int = 3            # Ray worker-group restarts after failures (FailureConfig)
+    max_preemption_failures: int = -1  # restarts after node preemptions (drains), counted apart; -1: no limit
+    preemption_grace_s: float = 0.0  # workers may run this long past a drain's deadline (Ray's FailureConfig)
+    mtbf_hours: float = 24.0         # expected hours between interruptions of the whole job (every_steps: auto)
     nonfinite_max_consecutive: int = 3  # non-finite steps in a row before a rollback
     max_rollbacks: int = 3           # rollbacks to the last checkpoint before the phase fails
 
@@ -250,7 +254,8 @@ class JobSpec:
     storage: str                               # root of every run: local path or s3:// / gs:// URL
     phases: list[PhaseSpec]                    # run in order
     backend: Literal["fsdp2", "deepspeed", "ddp"] = "fsdp2"  # sharding (orchestrator/training/backends.py)
-    num_workers: int = 2                       # Ray Train workers (one per GPU)
+    num_workers: Union[int, tuple[int, int]] = 2  # Ray Train workers (one per GPU); [min, max]: elastic, the
+                                               # global batch kept by gradient accumulation (docs/scale.md)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     seed: int = 0                              # model init, data order, augmentations
@@ -269,6 +274,27 @@ class JobSpec:
     eval: EvalCfg = field(default_factory=EvalCfg)
     debug: DebugCfg = field(default_factory=DebugCfg)
     source: str = field(default="<dict>", metadata={"internal": True})  # the job file, for messages
+
+    @property
+    def workers_range(self) -> tuple[int, int]:
+        """(min, max) Ray Train workers: equal for a fixed `num_workers`."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else tuple(n)
+
+    @property
+    def elastic(self) -> bool:
+        return self.workers_range[0] != self.workers_range[1]
+
+    def accumulation(self, batch_size: int, world: int) -> int | None:
+        """Micro-batches per worker and optimiser step at `world` workers, so that `batch_size` images
+        make every step at any world size: the smallest A with world * A >= the maximum worker count
+        (a micro-batch is never larger than at full size) that splits the batch evenly (world * A
+        streams of batch_size / (world * A) images). None when no A splits it."""
+        need = -(-self.workers_range[1] // world)
+        for accum in range(need, batch_size // world + 1):
+            if batch_size % (world * accum) == 0:
+                return accum
+        return None
 
     def phase(self, name: str) -> PhaseSpec:
         for p in self.phases:
@@ -306,7 +332,13 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, source, path)
+        errors = []
+        for alt in inner:  # the first alternative that takes the value
+            try:
+                return _convert(alt, value, source, path)
+            except ConfigError as exc:
+                errors.append(str(exc).rsplit(": ", 1)[-1])
+        fail(source, path, " or ".join(errors))
     if origin is Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], 1)

@@ -6,6 +6,7 @@ with a message that names the file and the key and says how to fix it.
 from __future__ import annotations
 
 import difflib
+import math
 
 from model.schedules import scaled_lr  # the one lr scaling rule
 from orchestrator.pipeline.schema import TRAINING_KINDS, JobSpec, PhaseSpec, ResolvedPhase, fail, resolve
@@ -39,14 +40,23 @@ def _check_job(job: JobSpec) -> None:
     src = job.source
     if not job.storage.strip():
         fail(src, "storage", "missing storage root; set a local path or an s3:// / gs:// URL")
-    if job.num_workers < 1:
-        fail(src, "num_workers", f"must be >= 1, got {job.num_workers}")
+    low, high = job.workers_range
+    if low < 1 or high < low:
+        fail(src, "num_workers", f"must be >= 1, or [min, max] with 1 <= min <= max; got {job.num_workers}")
+    if job.elastic and job.backend == "deepspeed":
+        fail(src, "num_workers", f"an elastic range {list(job.workers_range)} needs backend fsdp2 or ddp: DeepSpeed "
+             f"checkpoints load only at the world size that wrote them; use a fixed num_workers or backend: fsdp2")
     for key in job.storage_options:
         if any(word in key.lower() for word in _FORBIDDEN_KEYS):
             fail(src, f"storage_options.{key}", "credentials must not be in job files; "
                  "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment or a Kubernetes Secret")
-    if job.checkpoint.every_steps < 1 or job.checkpoint.keep_last < 1:
-        fail(src, "checkpoint", "every_steps and keep_last must be >= 1")
+    every = job.checkpoint.every_steps
+    if (every != "auto" and every < 1) or job.checkpoint.keep_last < 1:
+        fail(src, "checkpoint", f"every_steps must be >= 1 or auto, and keep_last >= 1; got {every}, "
+             f"{job.checkpoint.keep_last}")
+    if not job.failure.mtbf_hours > 0:
+        fail(src, "failure.mtbf_hours", f"must be > 0 (expected hours between interruptions), got "
+             f"{job.failure.mtbf_hours}")
 
 
 def _check_order(job: JobSpec, i: int, phase: PhaseSpec, seen: dict[str, int]) -> None:
@@ -112,10 +122,17 @@ def _check_eval(rp: ResolvedPhase, where: str) -> None:
 
 
 def _check_optim(rp: ResolvedPhase, where: str) -> None:
-    src, phase, optim, workers = rp.job.source, rp.phase, rp.optim, rp.job.num_workers
-    if optim.batch_size % workers:
+    src, phase, optim, job = rp.job.source, rp.phase, rp.optim, rp.job
+    low, high = job.workers_range
+    bad = [w for w in range(low, high + 1) if job.accumulation(optim.batch_size, w) is None]
+    if bad:
+        step = math.lcm(*(w * -(-high // w) for w in range(low, high + 1)))  # splits at every count
+        fix = max(step, round(optim.batch_size / step) * step)
+        workers = list(job.workers_range) if job.elastic else high
         fail(src, _key(phase, where, "optim", "batch_size"),
-             f"{optim.batch_size} is not divisible by num_workers={workers}")
+             f"{optim.batch_size} images cannot be split evenly over {', '.join(map(str, bad))} workers "
+             f"(num_workers: {workers}); use a batch_size that every allowed worker count splits, e.g. {fix}, "
+             f"or a num_workers range whose counts divide {optim.batch_size}")
     if phase.kind not in TRAINING_KINDS:
         return
     for key in ("warmup_iters", "teacher_temp_warmup_iters", "freeze_last_layer_iters"):
