@@ -5,16 +5,18 @@
         report/  exports/  logs/            run report; exported weights; Ray and worker logs
             logs/{phase}/rank<r>.log  logs/ray/   a worker's output; a local run's Ray session logs
         eval-baselines/{key}.json           eval yardsticks (random-init backbone, raw pixels), cached per arch+size
-        ray/                                Ray Train's own run state
-        {phase}/  or  {phase}-{arch}/       PhaseDir: one per phase (one per distill student)
-            checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last
+        {phase}/  or  {phase}-{arch}/       PhaseDir: one per phase (one per distill student), which is
+                                            also the folder of its Ray Train run (Ray's own state files)
+            checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last; registered with Ray
             final/model.pth  backbone.pth  DONE
             metrics.jsonl  trace/rank<r>.jsonl  FAILED  debug/
+            restarts.json  PREEMPTED        restart counts by reason; a drain's just-in-time checkpoint step
             embeddings/{role}/{set}/shard-NNNNNN.npy + .keys.json     curate: per-shard fp16 embeddings
             stages/{stage}.json|.npy  shards/                           curate: finished stages; output shards
 
 Words: a *run* is the job's root folder; a *phase folder* is one phase's (or one student's)
-folder under it; a *Ray Train run* is one `TorchTrainer.fit()`, named `ray_run_name(key)`.
+folder under it; a *Ray Train run* is one `TorchTrainer.fit()`: `ray_run(key)` gives its storage and name,
+which make its folder the phase folder, so that Ray sees (and retains) the phase's checkpoints.
 Nothing else in the package spells these names; tests/test_layout.py checks that.
 
 No entrypoint; used by the controller, the training driver and workers, eval, export and report.
@@ -49,7 +51,8 @@ class PhaseDir:
         self.root = root
         self.key = root.name
 
-    checkpoints = property(lambda self: self.root / "checkpoints")
+    checkpoints_rel = "checkpoints"
+    checkpoints = property(lambda self: self.root / self.checkpoints_rel)
     final = property(lambda self: self.root / "final")
     final_model = property(lambda self: self.root / "final" / "model.pth")
     final_backbone = property(lambda self: self.backbone_in(self.final))
@@ -60,6 +63,9 @@ class PhaseDir:
         return final / "backbone.pth"
     final_done = property(lambda self: self.root / "final" / "DONE")
     failed = property(lambda self: self.root / "FAILED")
+    restarts = property(lambda self: self.root / "restarts.json")
+    ray_snapshot = property(lambda self: self.root / "checkpoint_manager_snapshot.json")  # Ray Train's own
+    preempted = property(lambda self: self.root / "PREEMPTED")
     metrics_rel = "metrics.jsonl"
     metrics = property(lambda self: self.root / self.metrics_rel)
 
@@ -140,7 +146,6 @@ class RunLayout:
     exports = property(lambda self: self.root / "exports")
     logs = property(lambda self: self.root / LOGS)
     ray_logs = property(lambda self: self.root / LOGS / "ray")    # a local run's Ray session logs
-    ray = property(lambda self: self.root / "ray")
 
     def phase(self, key: str) -> PhaseDir:
         return PhaseDir(self.root / key)
@@ -155,5 +160,6 @@ class RunLayout:
         """A cached eval yardstick result (orchestrator/eval/baselines.py names the key)."""
         return self.root / "eval-baselines" / f"{key}.json"
 
-    def ray_run_name(self, key: str) -> str:
-        return f"{self.name}-{key}"
+    def ray_run(self, key: str) -> tuple[Store, str]:
+        """(storage, name) of phase folder `key`'s Ray Train run: its run folder is the phase folder."""
+        return self.root, key

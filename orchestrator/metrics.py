@@ -252,7 +252,9 @@ class StepMetrics:
     ``record(step, values)`` updates the series and, where ``jsonl_path`` is given (one rank only),
     appends one JSON line ``{"time", "run", "phase", "step", **values}`` (non-finite floats written
     as "nan"/"inf"/"-inf"). ``values`` keys: see ``RECORD_KEYS``. Totals (``*_total``) are run-wide
-    cumulative counts. Step time, data wait and throughput carry a ``rank`` label.
+    cumulative counts. Step time, data wait and throughput carry a ``rank`` label and are recorded by
+    every rank; the other series (loss, lr, goodput, restarts, ...) describe the phase and come from
+    rank 0 alone (another rank's ``record`` ignores them).
     The checkpoint interval for the staleness alert comes from ``checkpoint_interval_s``, or
     ``checkpoint_every_steps`` times the mean step time, or a ``ckpt_interval_s`` value.
 
@@ -284,6 +286,8 @@ class StepMetrics:
         self.phase_start_unixtime = time.time()
         self.productive_s = 0.0
         self.restarts = {reason: 0 for reason in RESTART_REASONS}
+        if self.rank != 0:
+            return
         self._series.set("dinoray_last_checkpoint_timestamp_seconds", self._labels, self.phase_start_unixtime)
         if checkpoint_interval_s is not None:
             self._series.set("dinoray_checkpoint_interval_seconds", self._labels, checkpoint_interval_s)
@@ -337,7 +341,10 @@ class StepMetrics:
             line.update({k: _json_value(v) for k, v in vals.items()})
             with open(self.jsonl_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
-        self._series.set("dinoray_step", self._labels, int(step))
+        if self.rank != 0:  # the phase-wide series are rank 0's
+            vals = {k: v for k, v in vals.items() if "rank" in METRIC_NAMES[RECORD_KEYS[k][0]][2]}
+        else:
+            self._series.set("dinoray_step", self._labels, int(step))
         for key, v in vals.items():
             name, extra = RECORD_KEYS[key]
             kind, _, label_names = METRIC_NAMES[name]
@@ -346,7 +353,7 @@ class StepMetrics:
                 self._series.observe(name, labels, v)
             else:
                 self._series.set(name, labels, v)
-        step_s = vals.get("step_s")
+        step_s = vals.get("step_s") if self.rank == 0 else None
         if step_s is not None and math.isfinite(step_s):
             stall = vals.get("ckpt_stall_s", 0.0)
             self.productive_s += max(step_s - (stall if math.isfinite(stall) else 0.0), 0.0)

@@ -55,4 +55,6 @@ def test_layout_names_every_path_of_a_run(tmp_path):
     assert phase.final_backbone.url.endswith("distill-vit_small/final/backbone.pth")
     assert layout.pipeline.url == f"{tmp_path}/job/pipeline.json" and layout.lock.url.endswith("job/LOCK")
     assert layout.export_file("distill-vit_small", "pth").url.endswith("job/exports/distill-vit_small.pth")
-    assert layout.ray_run_name("pretrain") == "job-pretrain"
+    storage, name = layout.ray_run("pretrain")
+    assert (storage / name).url == layout.phase("pretrain").root.url  # Ray's run folder is the phase folder
+    assert phase.restarts.url.endswith("distill-vit_small/restarts.json")

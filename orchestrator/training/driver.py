@@ -8,8 +8,12 @@ Run one phase of a job (normally `dinoray run JOB` calls this through the contro
 
 The phase is resolved here, once (`config.resolve`), and reaches every worker with its config hash
 and its folder (`layout.PhaseDir`) through train_loop_config. Each phase (and each distillation
-student) is its own Ray Train run, named by `RunLayout.ray_run_name`. Re-running resumes from the last
-committed checkpoint; a phase whose final folder is complete (DONE) returns at once.
+student) is its own Ray Train run whose folder is the phase folder (`RunLayout.ray_run`), so the workers'
+committed checkpoints are Ray's (retention: `checkpoint.keep_last` as Ray's num_to_keep). Workers: a
+fixed `num_workers`, or an elastic [min, max] range (Ray Train V2 starts with what is free, at least
+min, and grows to max). Preemptions (drained nodes) draw on `failure.max_preemption_failures`, other
+failures on `failure.max_failures`. Re-running resumes from the last committed checkpoint; a phase
+whose final folder is complete (DONE) returns at once.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ def run_phase(job: config.JobSpec, phase_name: str, *, student_arch: str | None 
     if done:
         return done
     phase_dir.failed.rm()  # a new attempt: forget the last one's deterministic failure
-    trainer = _trainer(job, loop_config, layout.ray_run_name(phase_dir.key), layout.ray)
+    ray_store, ray_name = layout.ray_run(phase_dir.key)
+    trainer = _trainer(job, loop_config, ray_name, ray_store)
     try:
         trainer.fit()
     except Exception as exc:
@@ -59,10 +64,10 @@ def worker_config(job: config.JobSpec, phase: config.PhaseSpec, student_arch: st
 
 
 def _trainer(job: config.JobSpec, loop_config: dict, name: str, ray_store: Store):
-    """A TorchTrainer of `num_workers` workers running worker_loop(loop_config), on local Ray unless
-    one is running (or RAY_ADDRESS names a cluster)."""
+    """A TorchTrainer of `num_workers` workers (or an elastic range) running worker_loop(loop_config),
+    on local Ray unless one is running (or RAY_ADDRESS names a cluster)."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
@@ -70,10 +75,13 @@ def _trainer(job: config.JobSpec, loop_config: dict, name: str, ray_store: Store
     return TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, failure_config=FailureConfig(max_failures=job.failure.max_failures),
-                             **_ray_storage(ray_store)),
+        scaling_config=ScalingConfig(num_workers=job.workers_range if job.elastic else job.workers_range[0],
+                                     use_gpu=job.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, failure_config=FailureConfig(max_failures=job.failure.max_failures,
+                                                    max_preemption_failures=job.failure.max_preemption_failures,
+                                                    preemption_grace_s=job.failure.preemption_grace_s),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_last), **_ray_storage(ray_store)),
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
     )
 

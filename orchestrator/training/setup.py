@@ -70,8 +70,10 @@ def build_meta(job: config.JobSpec, resolved: config.ResolvedPhase, student_arch
     return meta.train()
 
 
-def make_loader(job, resolved: config.ResolvedPhase, rank: int, world: int, state):
-    """The phase's multi-crop loader for this rank, at the data position `state` (None: the start)."""
+def make_loader(job, resolved: config.ResolvedPhase, rank: int, world: int, state, data_workers: int | None = None):
+    """The phase's multi-crop loader for stream `rank` of `world` (the batch's micro-batch streams: workers x
+    accumulation steps), at the data position `state` (None: the start), with `data_workers` DataLoader
+    processes (default data.num_workers)."""
     crops = dataclasses.asdict(resolved.crops)  # every CropsCfg field is a MultiCrop argument
     model = resolved.model
     kw = dict(batch_size=resolved.optim.batch_size // world, rank=rank, world_size=world, seed=job.seed,
@@ -80,7 +82,8 @@ def make_loader(job, resolved: config.ResolvedPhase, rank: int, world: int, stat
         return SyntheticLoader(int(job.data.train.split("://")[1] or 64), mask=model, **kw)
     from orchestrator.data.loader import MultiCropLoader
     mask = dict(mask_ratio_min_max=tuple(model.mask_ratio_min_max), mask_probability=model.mask_probability)
-    return MultiCropLoader(job.data.train, mask=mask, num_workers=job.data.num_workers,
+    workers = job.data.num_workers if data_workers is None else data_workers
+    return MultiCropLoader(job.data.train, mask=mask, num_workers=workers,
                            storage_options=job.storage_options, error_budget=job.data.error_budget,
                            with_keys=job.debug.trace_samples, **kw)
 

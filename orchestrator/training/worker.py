@@ -3,18 +3,20 @@
     worker_loop -> start (build, resume) -> per step: train_step, then roll_back or checkpoint_and_log
                 -> finish (final checkpoint, consolidated export, DONE)
 
-One step, top to bottom: schedules -> zero_grad -> SSL loss -> (all ranks finite?) backward ->
-clip + optimiser step -> EMA teacher; then a checkpoint every K steps and step metrics on rank 0.
-Parallelism, precision and compile live in backends.py, checkpoints in checkpoint.py, the model and
-loader in setup.py. The phase arrives resolved (config.ResolvedPhase) with its hash and PhaseDir.
+One step, top to bottom: schedules -> zero_grad -> per micro-batch: SSL loss -> (all ranks finite?)
+backward -> clip + optimiser step -> EMA teacher; then a checkpoint when due, step metrics (rank 0: the
+phase's; every rank: its step time, data wait and throughput), and a look for a drained node.
+The global batch `optim.batch_size` is fixed: at W workers each takes A = JobSpec.accumulation(batch, W)
+micro-batches per step, one from each of its A loader streams (W x A streams of batch / (W x A) images,
+so the images of a step do not depend on W). Parallelism, precision and compile live in backends.py,
+checkpoints in checkpoint.py, the model and loader in setup.py, Ray checkpoints, preemption and restart
+accounting in elastic.py. The phase arrives resolved (config.ResolvedPhase) with its hash and PhaseDir.
 
 Run it through the driver: `.venv/bin/python -m pytest tests/test_train.py -q` (or `dinoray run JOB`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import signal
 import time
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from model import LOSS_PARTS, schedules
 from orchestrator.layout import PhaseDir
 from orchestrator.pipeline import config
-from orchestrator.training import backends, checkpoint
+from orchestrator.training import backends, checkpoint, elastic, records
 from orchestrator.training.setup import build_meta, make_loader, train_flops_per_image
 
 
@@ -33,7 +35,7 @@ from orchestrator.training.setup import build_meta, make_loader, train_flops_per
 class LoopState:
     """The loop's position: a checkpoint's extras carry exactly these keys (plus config_hash)."""
     step: int = 0                 # optimiser steps done
-    loader: dict | None = None    # the loader's state after the last batch read (exact resume)
+    loader: list | dict | None = None  # each loader stream's state after the last batch read (exact resume)
     batches_seen: int = 0         # data position: batches read, rolled-back ones included
     nonfinite_total: int = 0
     rollbacks: int = 0
@@ -53,11 +55,17 @@ class Worker:
     checkpoints: checkpoint.Checkpointer
     sched: dict
     state: LoopState
-    loader: object = None
-    metrics: object = None        # StepMetrics on rank 0, else None
+    accum: int = 1                # micro-batches per step at this world size
+    loaders: list = dataclasses.field(default_factory=list)  # one per micro-batch stream of this rank
+    metrics: object = None        # StepMetrics (every rank)
+    interval: object = None       # elastic.Interval: when to checkpoint
+    in_ray: bool = False          # under Ray Train (else a plain process group: tests)
+    preempted: bool = False       # a drain was answered with a just-in-time checkpoint
+    resumed_from: str | None = None  # "ray" (ray.train.get_checkpoint()) or "storage"; None: from scratch
     files: dict = dataclasses.field(default_factory=dict)  # JSON-lines files: {path under the phase: local path}
     flops: float = 0.0
     consecutive: int = 0          # non-finite steps in a row
+    fenced_s: float = 0.0         # checkpoints.fence_s already counted in ckpt_stall_s
 
     @property
     def steps(self) -> int:
@@ -67,7 +75,7 @@ class Worker:
 @dataclasses.dataclass
 class StepResult:
     values: dict                  # the schedules' values at this step (lr, wd, momentum, teacher_temp, ...)
-    per_rank: torch.Tensor        # [world, 1 + len(LOSS_PARTS)]: loss and parts of every rank
+    per_rank: torch.Tensor        # [world, 1 + len(LOSS_PARTS)]: loss and parts of every rank (micro-batch mean)
     parts: set                    # the loss parts this model computes
     grad_norm: float
 
@@ -92,95 +100,153 @@ def _train(cfg: dict) -> None:
     batches, t_start, losses = _batches(worker), time.perf_counter(), {}
     while worker.state.step < worker.steps:
         t0 = time.perf_counter()
-        batch = next(batches)
+        micros = next(batches)
         t_data = time.perf_counter() - t0
         data_pos = worker.state.batches_seen
         worker.state.batches_seen += 1
-        _debug_hooks(worker, data_pos, batch)
+        _debug_hooks(worker, data_pos, micros[0])
         if worker.job.debug.trace_samples:
-            _trace(worker.files[PhaseDir.trace_rel(worker.rank)], worker.state.step, data_pos, batch)
-        result = train_step(worker, batch)
+            for i, micro in enumerate(micros):
+                records.trace(worker.files[PhaseDir.trace_rel(worker.rank)], worker.state.step, data_pos, micro,
+                              stream=worker.rank * worker.accum + i)
+        result = train_step(worker, micros)
         losses = result.losses()
         if worker.consecutive >= worker.job.failure.nonfinite_max_consecutive:
             roll_back(worker, result)
             continue
         checkpoint_and_log(worker, result, losses, t0, t_data)
+        if worker.in_ray and not worker.preempted:
+            answer_preemption(worker)
     finish(worker, losses, time.perf_counter() - t_start)
 
 
 # ------------------------------------------------------------------------------------------ start
 def start(cfg: dict) -> Worker:
-    """Build the model, backend, schedules and loader; resume from the last committed checkpoint."""
+    """Build the model, backend, schedules and loader streams; count the start; resume from the last
+    committed checkpoint (Ray's, see elastic.resume_point)."""
     import ray.train
     resolved, phase_dir = cfg["resolved"], cfg["phase_dir"]
     job, optim = resolved.job, resolved.optim
     rank, world = dist.get_rank(), dist.get_world_size()
     if phase_dir.failed.exists():  # a deterministic failure of an earlier attempt: Ray's restart must not redo it
         raise RuntimeError(phase_dir.failed.read_bytes().decode())
+    accum = job.accumulation(optim.batch_size, world)
+    if accum is None:
+        raise config.ConfigError(f"{job.source}: optim.batch_size {optim.batch_size} cannot be split over {world} "
+                                 f"workers; `dinoray validate` lists the worker counts that can")
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.set_num_threads(max(1, job.cpus_per_worker))
     if not job.use_gpu:  # bitwise-reproducible resume on CPU; GPUs keep their fast kernels
         torch.use_deterministic_algorithms(True, warn_only=True)
     meta = build_meta(job, resolved, cfg["student_arch"], teacher=cfg["teacher"])
-    backend = backends.build(meta, job, device, optim)
+    backend = backends.build(meta, job, device, optim, accum)
     sched = schedules.build_schedules(
         resolved.phase.steps, base_lr=optim.base_lr, batch_size=optim.batch_size,
         warmup_iters=optim.warmup_iters, min_lr=optim.min_lr, wd=optim.weight_decay,
         momentum=optim.momentum_teacher, teacher_temp=optim.teacher_temp,
         teacher_temp_warmup_iters=optim.teacher_temp_warmup_iters,
         freeze_last_layer_iters=optim.freeze_last_layer_iters)
+    in_ray = elastic.in_ray_train()
     saver = checkpoint.Checkpointer(backend, phase_dir, keep_last=job.checkpoint.keep_last,
-                                    async_save=job.checkpoint.async_save)
+                                    async_save=job.checkpoint.async_save,
+                                    on_commit=(lambda step: elastic.register(step, rank)) if in_ray else None)
     worker = Worker(job, resolved, phase_dir, cfg["config_hash"], rank, world, device, backend, saver, sched,
-                    LoopState())
+                    LoopState(), accum=accum, in_ray=in_ray)
+    worker.interval = elastic.Interval(job.checkpoint.every_steps, resolved.phase.steps, job.failure.mtbf_hours,
+                                       log=print)
     torch.manual_seed(job.seed * 1000 + rank + 1)  # per-rank stream (drop path)
-    _resume(worker)
-    worker.loader = make_loader(job, resolved, rank, world, worker.state.loader)
-    if job.debug.trace_samples:
-        worker.files[PhaseDir.trace_rel(rank)] = _local_copy(phase_dir, PhaseDir.trace_rel(rank), worker.state.step)
-    if rank == 0:
-        from orchestrator.metrics import StepMetrics
-        path = _local_copy(phase_dir, PhaseDir.metrics_rel, worker.state.step + 1)  # records are 1-based
-        worker.files[PhaseDir.metrics_rel] = path
-        worker.metrics = StepMetrics(job.name, phase_dir.key, path, checkpoint_every_steps=job.checkpoint.every_steps)
+    extras = _resume(worker)
+    restart = elastic.count_start(phase_dir, world, worker.state.step, worker.resumed_from) if rank == 0 else None
+    worker.loaders = _loaders(worker)
+    records.open_files(worker)
+    _start_metrics(worker, restart, extras)
     worker.flops = train_flops_per_image(resolved, cfg["student_arch"] or resolved.model.arch)
+    print(f"{phase_dir.key}: rank {rank} of {world}, {accum} micro-batch(es) of "
+          f"{optim.batch_size // (world * accum)} images per step, from step {worker.state.step}")
     return worker
 
 
-def _resume(worker: Worker) -> None:
-    found = checkpoint.latest(worker.phase_dir)
+def _resume(worker: Worker) -> dict | None:
+    """Load the checkpoint to resume from (None: there is none); returns its extras."""
+    latest = checkpoint.latest(worker.phase_dir)
+    found = elastic.resume_point(worker.phase_dir, latest) if worker.in_ray else latest and (*latest, "storage")
     if not found:
-        return
+        return None
+    worker.resumed_from = found[2]
     extras = worker.checkpoints.load(found[1])
     if extras["config_hash"] != worker.config_hash:
         raise RuntimeError(f"{found[1].url} was written by a different configuration of phase "
                            f"'{worker.resolved.phase.name}' (hash {extras['config_hash']} != {worker.config_hash}); "
                            f"restore the job file or use a new job name")
     worker.state = LoopState(**{f.name: extras[f.name] for f in dataclasses.fields(LoopState)})
+    worker.interval.last = worker.state.step
     if not extras["resharded"]:
         checkpoint.set_rng_state(extras["rng"])
+    return extras
+
+
+def _loaders(worker: Worker) -> list:
+    """This rank's loader streams rank*A .. rank*A + A-1 of W*A. A saved position is global (the
+    step's batch index), so a stream the checkpoint did not have starts from stream 0's state."""
+    saved = worker.state.loader
+    saved = [saved] if isinstance(saved, dict) else (saved or [None])
+    nw = worker.job.data.num_workers
+    data_workers = max(1, nw // worker.accum) if nw else 0  # the rank's CPU budget, shared by its streams
+    streams = worker.world * worker.accum
+    return [make_loader(worker.job, worker.resolved, worker.rank * worker.accum + i, streams,
+                        saved[i] if i < len(saved) else saved[0], data_workers) for i in range(worker.accum)]
+
+
+def _start_metrics(worker: Worker, restart: tuple | None, extras: dict | None) -> None:
+    """Every rank's StepMetrics (rank 0 writes metrics.jsonl); rank 0 carries goodput and restarts on."""
+    from orchestrator.metrics import StepMetrics
+    worker.metrics = StepMetrics(worker.job.name, worker.phase_dir.key, worker.files.get(PhaseDir.metrics_rel),
+                                 rank=worker.rank)
+    if restart is None:
+        return
+    reason, before = restart
+    saved = {**((extras or {}).get("metrics") or {}), **before}
+    if reason is None:
+        worker.metrics.phase_start_unixtime = before["phase_start_unixtime"]
+    else:
+        worker.metrics.resume(saved, reason)
+        print(f"restart #{sum(before['restarts'].values()) + 1} of {worker.phase_dir.key} ({reason})")
 
 
 def _batches(worker: Worker):
-    """Endless batches on the device, epoch after epoch; records the loader's position of each."""
+    """Endless steps' worth of micro-batches (one per stream) on the device, epoch after epoch;
+    records the streams' positions after each."""
+    def forever(loader):
+        while True:
+            yield from loader
+    streams = [forever(loader) for loader in worker.loaders]
     while True:
-        for batch in worker.loader:
-            batch = {k: v.to(worker.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            worker.state.loader = worker.loader.state_dict()
-            yield batch
+        micros = [{k: v.to(worker.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(s).items()}
+                  for s in streams]
+        worker.state.loader = [loader.state_dict() for loader in worker.loaders]
+        yield micros
 
 
 # ------------------------------------------------------------------------------------------- step
-def train_step(worker: Worker, batch: dict) -> StepResult:
-    """schedules -> zero_grad -> loss -> all ranks finite? -> backward -> clip + step -> EMA."""
+def train_step(worker: Worker, micros: list[dict]) -> StepResult:
+    """schedules -> zero_grad -> per micro-batch: loss, all ranks finite? backward -> clip + step -> EMA.
+    A non-finite micro-batch on any rank ends the step's forwards on every rank and skips the step."""
     values = schedules.apply_schedules(worker.backend.optimizer, worker.sched, worker.state.step)
     worker.backend.zero_grad()
-    loss, parts = worker.backend.forward(batch, teacher_temp=values["teacher_temp"])
-    per_rank = _gather_parts(loss, parts, worker.world)
-    grad_norm, applied = float("nan"), False
-    if bool(torch.isfinite(per_rank[:, 0]).all()):
+    rows, parts_seen, finite = [], set(), True
+    for micro in micros:
+        loss, parts = worker.backend.forward(micro, teacher_temp=values["teacher_temp"])
+        rows.append(_gather_parts(loss, parts, worker.world))
+        parts_seen |= set(parts)
+        finite = bool(torch.isfinite(rows[-1][:, 0]).all())
+        if not finite:
+            break
         worker.backend.backward(loss)
+    grad_norm, applied = float("nan"), False
+    if finite:
         grad_norm, applied = worker.backend.step(worker.resolved.optim.clip_grad)
+    else:
+        worker.backend.zero_grad()
     if applied:
         worker.backend.ema_(values["momentum"])
         worker.consecutive = 0
@@ -188,7 +254,7 @@ def train_step(worker: Worker, batch: dict) -> StepResult:
         worker.state.nonfinite_total += 1
         worker.consecutive += 1
     worker.state.step += 1
-    return StepResult(values, per_rank, set(parts), grad_norm)
+    return StepResult(values, torch.stack(rows).mean(0), parts_seen, grad_norm)
 
 
 def roll_back(worker: Worker, result: StepResult) -> None:
@@ -231,60 +297,61 @@ def _fail(worker: Worker, result: StepResult) -> None:
 
 # ----------------------------------------------------------------------------- checkpoint and log
 def checkpoint_and_log(worker: Worker, result: StepResult, losses: dict, t0: float, t_data: float) -> None:
-    """Save every `checkpoint.every_steps` (and at the end), commit finished async saves, record the
-    step's metrics on rank 0, and upload the JSON-lines files with each commit."""
+    """Save when due (`checkpoint.every_steps`, or auto, and at the end), commit finished async saves,
+    record the step's metrics, and upload the JSON-lines files with each commit."""
     step, state = worker.state.step, worker.state
     rec = {"step_s": time.perf_counter() - t0, "data_wait_s": t_data, "grad_norm": result.grad_norm,
            "nonfinite_steps_total": state.nonfinite_total, "rollbacks_total": state.rollbacks,
-           "samples_skipped_total": float(getattr(worker.loader, "skipped", 0)), **losses,
+           "samples_skipped_total": float(sum(getattr(x, "skipped", 0) for x in worker.loaders)), **losses,
            **{k: result.values[k] for k in ("lr", "wd", "momentum", "teacher_temp")}}
-    if step % worker.job.checkpoint.every_steps == 0 or step == worker.steps:
-        timing = worker.checkpoints.save(step, {**dataclasses.asdict(state), "config_hash": worker.config_hash})
-        rec["ckpt_stall_s"] = timing["stall_s"]
+    stall, fenced = None, worker.checkpoints.fence_s - worker.fenced_s  # this step's wait for an async copy
+    worker.fenced_s += fenced
+    if fenced > 0:
+        rec["ckpt_stall_s"] = fenced
+    if worker.interval.due(step):
+        timing = worker.checkpoints.save(step, _extras(worker))
+        rec["ckpt_stall_s"] = stall = timing["stall_s"] + fenced
         if timing["save_s"] is not None:
             rec["ckpt_save_s"] = timing["save_s"]
     committed = worker.checkpoints.poll() is not None or rec.get("ckpt_save_s") is not None
     if committed:
         rec["ckpt_save_s"] = rec.get("ckpt_save_s") or worker.checkpoints.last_async_s
         rec["last_ckpt_unixtime"] = time.time()
-    rec["images_per_s"] = worker.resolved.optim.batch_size / max(rec["step_s"], 1e-9)
-    if worker.metrics is not None:
-        rec["mfu"] = worker.flops * rec["images_per_s"] / (worker.world * worker.job.metrics.peak_flops)
-        worker.metrics.record(step, rec)
+    worker.interval.observe(step, rec["step_s"], stall)
+    if worker.interval.seconds():
+        rec["ckpt_interval_s"] = worker.interval.seconds()
+    rec["images_per_s"] = worker.resolved.optim.batch_size / worker.world / max(rec["step_s"], 1e-9)  # this rank's
+    rec["mfu"] = worker.flops * rec["images_per_s"] / worker.job.metrics.peak_flops
+    worker.metrics.record(step, rec)
     if committed:
-        _upload(worker)
+        records.upload(worker)
 
 
-def _local_copy(phase_dir: PhaseDir, rel: str, keep_below: int) -> str:
-    """The local file this process appends the phase's JSON-lines file `rel` to: the file itself on
-    local storage, else a copy uploaded by `_upload` at each commit and at the end. Either way,
-    records of steps >= keep_below (to be redone after a resume) are dropped first, so that every
-    step is recorded once."""
-    folder, _ = phase_dir.root.staging_dir(prefix="dinoray-")
-    path = os.path.join(folder, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    source = phase_dir.root / rel
-    lines = source.read_bytes().decode().splitlines(keepends=True) if source.exists() else []
-    with open(path + ".tmp", "w") as f:
-        f.writelines(ln if ln.endswith("\n") else ln + "\n" for ln in lines if _step_of(ln) < keep_below)
-    os.replace(path + ".tmp", path)
-    return path
+def _extras(worker: Worker) -> dict:
+    """What a checkpoint keeps besides the weights: the loop state, config hash, goodput state."""
+    return {**dataclasses.asdict(worker.state), "config_hash": worker.config_hash,
+            "metrics": worker.metrics.state() if worker.rank == 0 else None}
 
 
-def _step_of(line: str) -> float:
-    """The step of a JSON-lines record; infinite for a blank or torn line (a kill mid-append)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
-
-
-def _upload(worker: Worker) -> None:
-    if worker.phase_dir.root.is_local:
+def answer_preemption(worker: Worker) -> None:
+    """At a step boundary (every rank): if Ray is draining a node of this run for preemption, commit a
+    just-in-time checkpoint now (unless this step has one), mark the phase PREEMPTED, and wait for the
+    restart without taking steps that it would redo."""
+    notice = elastic.preemption_notice()
+    if notice is None:
         return
-    for rel, path in worker.files.items():
-        if os.path.exists(path):
-            (worker.phase_dir.root / rel).put_file(path)
+    worker.preempted = True
+    step = worker.state.step
+    print(f"node drain for preemption (ranks {notice['ranks']}): just-in-time checkpoint at step {step}")
+    worker.checkpoints.wait()
+    if worker.checkpoints.last_committed != step:
+        worker.checkpoints.save(step, _extras(worker))
+        worker.checkpoints.wait()
+        worker.interval.last = step
+    if worker.rank == 0:
+        worker.phase_dir.preempted.write_json({"step": step, "deadline_s": notice["deadline_s"], "time": time.time()})
+    records.upload(worker)
+    elastic.pause_until_restart(notice["deadline_s"], worker.job.failure.preemption_grace_s, log=print)
 
 
 def _debug_hooks(worker: Worker, data_pos: int, batch: dict) -> None:
@@ -302,40 +369,22 @@ def _debug_hooks(worker: Worker, data_pos: int, batch: dict) -> None:
         time.sleep(debug.step_sleep_s)
 
 
-def _trace(path: str, step: int, data_pos: int, batch: dict) -> None:
-    """Fingerprint of every image of the batch (crop 0 + its labels): equal runs read equal data."""
-    g = batch["global_crops"]
-    n = g.shape[0] // 2
-    ids = [hashlib.sha1(g[i].cpu().numpy().tobytes()).hexdigest()[:12] for i in range(n)]
-    ids = [f"{k}:{h}" for k, h in zip(batch["keys"], ids)] if "keys" in batch else ids
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, "pos": data_pos, "ids": ids,
-                            "labels": batch["labels"].tolist() if "labels" in batch else None}) + "\n")
-
-
 # ----------------------------------------------------------------------------------------- finish
 def finish(worker: Worker, losses: dict, seconds: float) -> None:
     """Wait for the last save, upload the JSON-lines files, export the consolidated model, write DONE."""
     import ray.train
     worker.checkpoints.wait()
+    if worker.in_ray and worker.rank == 0:
+        stray = elastic.sweep_unregistered(worker.phase_dir)
+        if stray:
+            print(f"removed checkpoint folders Ray Train did not hold: steps {stray}")
     final = checkpoint.latest(worker.phase_dir)
     prefix = "student_ema.backbone." if worker.resolved.phase.kind == "distill" else "teacher.backbone."
     info = {"step": worker.state.step, "steps": worker.steps, "checkpoint": final[1].url if final else None,
             "backbone": worker.phase_dir.final_backbone.url, "model": worker.phase_dir.final_model.url,
             "metrics": losses, "seconds": seconds}
-    _upload(worker)
+    records.upload(worker)
     checkpoint.export_final(worker.backend, worker.phase_dir, prefix, info)
-    if worker.metrics is not None:
-        worker.metrics.close()
-    if _in_ray_train():
+    worker.metrics.close()
+    if worker.in_ray:
         ray.train.report({"step": worker.state.step, **losses})
-
-
-def _in_ray_train() -> bool:
-    """False when worker_loop runs in a plain torch process group (tests of single phases)."""
-    import ray.train
-    try:
-        ray.train.get_context()
-        return True
-    except RuntimeError:
-        return False
