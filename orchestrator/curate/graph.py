@@ -35,9 +35,9 @@ def make_index(base: np.ndarray, cfg, seed: int = 0):
     n, dim = base.shape
     kind = cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivfpq")
     if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
+        index = _on_gpus(faiss.IndexFlatIP(dim))
         index.add(base)
-        return index, {"index": "flat"}
+        return index, {"index": "flat", "gpus": faiss.get_num_gpus()}
     params = ivfpq_params(n, dim, cfg)
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], 8, faiss.METRIC_INNER_PRODUCT)
@@ -48,6 +48,15 @@ def make_index(base: np.ndarray, cfg, seed: int = 0):
     index.add(base)
     index.nprobe = params["nprobe"]
     return index, {"index": "ivfpq", **params}
+
+
+def _on_gpus(index):
+    """An exact index on every GPU faiss sees (a faiss-gpu build: infra/Dockerfile installs one in the
+    CUDA image); unchanged on CPU. IVF-PQ stays on CPU. Not run in this repository's tests (no GPU)."""
+    import faiss
+    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
 
 
 def knn(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
