@@ -192,38 +192,12 @@ def _features(sd: dict, x) -> "torch.Tensor":
 def _pretrain(train_url: str, steps: int, tmp: str) -> dict:
     """jobs/smoke_cpu.yaml's pretrain recipe for `steps` steps on `train_url`, in this process (no Ray), as the
     `smoke_backbone` fixture (tests/conftest.py) runs it -> the teacher backbone's state dict."""
-    import torch
-    from model import schedules
     from orchestrator.pipeline import config
-    from orchestrator.training.backends import adamw_groups
-    from orchestrator.training.setup import build_meta, make_loader
+    from orchestrator.training.setup import train_in_process
     job = config.load_job(str(Path(__file__).resolve().parents[1] / "jobs" / "smoke_cpu.yaml"), [
         f"storage={tempfile.mkdtemp(dir=tmp)}", f"data.train={train_url}", f"data.eval_train={train_url}",
         f"data.eval_test={train_url}", f"phases.pretrain.steps={steps}"])
-    resolved = config.resolve(job, "pretrain")
-    o = resolved.optim
-    meta = build_meta(job, resolved, None)
-    opt = torch.optim.AdamW(adamw_groups(meta, o), lr=0.0, betas=o.adamw_betas)
-    sched = schedules.build_schedules(
-        steps, base_lr=o.base_lr, batch_size=o.batch_size, warmup_iters=o.warmup_iters, min_lr=o.min_lr,
-        wd=o.weight_decay, momentum=o.momentum_teacher, teacher_temp=o.teacher_temp,
-        teacher_temp_warmup_iters=o.teacher_temp_warmup_iters, freeze_last_layer_iters=o.freeze_last_layer_iters)
-    loader = make_loader(job, resolved, 0, 1, None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.seed + 1)
-        step = 0
-        while step < steps:
-            for batch in loader:
-                values = schedules.apply_schedules(opt, sched, step)
-                loss, _ = meta(batch, teacher_temp=values["teacher_temp"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(meta.student.parameters(), o.clip_grad)
-                opt.step()
-                meta.update_ema_(values["momentum"])
-                step += 1
-                if step == steps:
-                    break
+    meta = train_in_process(job, config.resolve(job, "pretrain"), steps)
     return {k: v.detach().clone().float() for k, v in meta.teacher["backbone"].state_dict().items()}
 
 

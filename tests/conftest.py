@@ -70,39 +70,11 @@ def smoke_backbone(cifar_shards, tmp_path_factory):
     """A trained vit_pico backbone (teacher) state dict: jobs/smoke_cpu.yaml's pretrain phase for SMOKE_STEPS
     steps, run in this process (no Ray): the same model, loader, AdamW groups and schedules as a worker.
     Costs about 2 minutes on 2 cores; shared by the eval tests (tests/test_eval_*.py)."""
-    import torch
-
-    from model import schedules
     from orchestrator.pipeline import config
-    from orchestrator.training.backends import adamw_groups
-    from orchestrator.training.setup import build_meta, make_loader
+    from orchestrator.training.setup import train_in_process
     job = config.load_job(str(Path(__file__).resolve().parents[1] / "jobs" / "smoke_cpu.yaml"), [
         f"storage={tmp_path_factory.mktemp('smoke-run')}", f"data.train={cifar_shards['train']}",
         f"data.eval_train={cifar_shards['train']}", f"data.eval_test={cifar_shards['test']}",
         f"phases.pretrain.steps={SMOKE_STEPS}"])
-    resolved = config.resolve(job, "pretrain")
-    opt_cfg = resolved.optim
-    meta = build_meta(job, resolved, None)
-    opt = torch.optim.AdamW(adamw_groups(meta, opt_cfg), lr=0.0, betas=opt_cfg.adamw_betas)
-    sched = schedules.build_schedules(
-        SMOKE_STEPS, base_lr=opt_cfg.base_lr, batch_size=opt_cfg.batch_size, warmup_iters=opt_cfg.warmup_iters,
-        min_lr=opt_cfg.min_lr, wd=opt_cfg.weight_decay, momentum=opt_cfg.momentum_teacher,
-        teacher_temp=opt_cfg.teacher_temp, teacher_temp_warmup_iters=opt_cfg.teacher_temp_warmup_iters,
-        freeze_last_layer_iters=opt_cfg.freeze_last_layer_iters)
-    loader = make_loader(job, resolved, 0, 1, None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.seed + 1)
-        step = 0
-        while step < SMOKE_STEPS:
-            for batch in loader:
-                values = schedules.apply_schedules(opt, sched, step)
-                loss, _ = meta(batch, teacher_temp=values["teacher_temp"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(meta.student.parameters(), opt_cfg.clip_grad)
-                opt.step()
-                meta.update_ema_(values["momentum"])
-                step += 1
-                if step == SMOKE_STEPS:
-                    break
+    meta = train_in_process(job, config.resolve(job, "pretrain"), SMOKE_STEPS)
     return {k: v.detach().clone().float() for k, v in meta.teacher["backbone"].state_dict().items()}

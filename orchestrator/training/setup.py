@@ -136,3 +136,36 @@ class SyntheticLoader:
             self.pos += 1
             yield batch
         self.epoch, self.pos = self.epoch + 1, 0
+
+
+def train_in_process(job, resolved: config.ResolvedPhase, steps: int) -> torch.nn.Module:
+    """`steps` steps of a pretrain phase in this process on one rank (no Ray, no backend): the same
+    model, loader, AdamW groups and schedules as a worker, plain AdamW and EMA. For test fixtures and
+    benchmarks that need a trained backbone (tests/conftest.py `smoke_backbone`, bench/curate.py).
+    The caller's random state is left as it was. Returns the meta-architecture."""
+    from model import schedules
+    from orchestrator.training.backends import adamw_groups
+    o = resolved.optim
+    meta = build_meta(job, resolved, None)
+    opt = torch.optim.AdamW(adamw_groups(meta, o), lr=0.0, betas=o.adamw_betas)
+    sched = schedules.build_schedules(
+        steps, base_lr=o.base_lr, batch_size=o.batch_size, warmup_iters=o.warmup_iters, min_lr=o.min_lr,
+        wd=o.weight_decay, momentum=o.momentum_teacher, teacher_temp=o.teacher_temp,
+        teacher_temp_warmup_iters=o.teacher_temp_warmup_iters, freeze_last_layer_iters=o.freeze_last_layer_iters)
+    loader = make_loader(job, resolved, 0, 1, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed + 1)
+        step = 0
+        while step < steps:
+            for batch in loader:
+                values = schedules.apply_schedules(opt, sched, step)
+                loss, _ = meta(batch, teacher_temp=values["teacher_temp"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(meta.student.parameters(), o.clip_grad)
+                opt.step()
+                meta.update_ema_(values["momentum"])
+                step += 1
+                if step == steps:
+                    break
+    return meta
