@@ -17,6 +17,7 @@ Run its tests:  .venv/bin/python -m pytest tests/test_elastic.py -q
 """
 from __future__ import annotations
 
+import collections
 import time
 
 from orchestrator.layout import PhaseDir
@@ -25,6 +26,7 @@ from orchestrator.storage import Store
 from orchestrator.training import interval
 
 AUTO_FIRST_STEPS = 10   # every_steps auto: the first checkpoint, which measures the stall
+STEP_WINDOW = 200      # every_steps auto: the median of the last this many step times
 PAUSE_MARGIN_S = 30.0   # after a drain's deadline (+ grace), a worker Ray did not restart trains on
 
 
@@ -143,7 +145,7 @@ class Interval:
         self.auto, self.steps, self.mtbf, self.log = every_steps == "auto", steps, mtbf_hours, log
         self.every = min(AUTO_FIRST_STEPS, steps) if self.auto else int(every_steps)
         self.last = 0
-        self._step_s: list[float] = []
+        self._step_s: collections.deque = collections.deque(maxlen=STEP_WINDOW)  # recent step times
 
     def due(self, step: int) -> bool:
         return step - self.last >= self.every or step == self.steps
