@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[dev]'
+	# Byte-compile the environment once (~40 s): where .pyc files may not be written at import
+	# (PYTHONDONTWRITEBYTECODE, pip's --no-compile), every process, and so every Ray worker, would
+	# recompile torch and Ray from source. Measured: `import torch` 4.8 -> 2.0 s; a 3-step run 90 -> 37 s.
+	# (The one file skipped is Python 3.12 syntax in torch's own test helpers.)
+	$(BIN)/python -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics' $(VENV)/lib > /dev/null
 	touch $(STAMP)
 
 # Debian's Prometheus server + promtool, used by the observability tests.
