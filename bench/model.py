@@ -78,6 +78,11 @@ class OursStep:
                                   "drop_path_rate": args.drop_path, "head_n_prototypes": args.prototypes,
                                   "ibot_separate_head": False}).to(device).train()  # tied, as the reference
         self.opt = torch.optim.AdamW(_groups(self.model.student), lr=1e-4, fused=True)
+        if args.compile:  # each block's two residual branches (norm, attention / MLP, LayerScale); stochastic
+            for tower in (self.model.student, self.model.teacher):  # depth stays outside, in eager
+                for blk in tower["backbone"].blocks:
+                    blk._attn_branch = torch.compile(blk._attn_branch, dynamic=False)
+                    blk._ffn_branch = torch.compile(blk._ffn_branch, dynamic=False)
 
     def __call__(self, batch, dtype, device):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -196,6 +201,11 @@ def bench_arch(arch, args, dtype, device):
             if rep >= args.warmup:
                 times[name].append(dt)
                 cpu[name].append(dc)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps["model/"](batch, dtype, device)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
     fl = ssl_flops_per_image(arch, args.patch_size, args.global_size, args.local_size, 2, args.n_local)
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
@@ -228,6 +238,9 @@ def main(argv=None):
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row (interleaved)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="model/ row: torch.compile each block's residual branches (give --warmup 2: compiling)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one model/ step")
     args = p.parse_args(argv)
     if args.reference:
         sys.path.insert(0, str(Path(args.reference).resolve()))
