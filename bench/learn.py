@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import build_backbone, normalize_images  # noqa: E402
-from model.schedules import apply_schedules, build_schedules, param_groups  # noqa: E402
+from model.schedules import apply_schedules, param_groups  # noqa: E402
 from orchestrator.pipeline import config  # noqa: E402
 from orchestrator.eval import features, knn as evaluate  # noqa: E402
 from orchestrator.training import setup  # noqa: E402
@@ -103,10 +103,7 @@ def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
     steps, o = r.phase.steps, r.optim
     opt = torch.optim.AdamW(param_groups(meta.student, layer_decay=o.layer_decay,
                                          patch_embed_lr_mult=o.patch_embed_lr_mult), lr=0.0, betas=o.adamw_betas)
-    sched = build_schedules(steps, base_lr=o.base_lr, batch_size=o.batch_size, warmup_iters=o.warmup_iters,
-                            min_lr=o.min_lr, wd=o.weight_decay, momentum=o.momentum_teacher,
-                            teacher_temp=o.teacher_temp, teacher_temp_warmup_iters=o.teacher_temp_warmup_iters,
-                            freeze_last_layer_iters=o.freeze_last_layer_iters)
+    sched = setup.step_schedules(o, steps)
     loader = make_loader(job, r, json.loads(args.aug), args.loader_workers)
     eval_at = sorted({int(round(steps * (i + 1) / args.evals)) for i in range(args.evals)})
     print(f"[{label}] {steps} steps of {o.batch_size} images ({steps * o.batch_size / loader.total:.2f} epochs); "

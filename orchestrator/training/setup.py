@@ -138,6 +138,17 @@ class SyntheticLoader:
         self.epoch, self.pos = self.epoch + 1, 0
 
 
+def step_schedules(optim, steps: int) -> dict:
+    """The phase's per-step schedules (lr, wd, teacher momentum and temperature, last-layer freeze) from
+    its effective optim settings: model.schedules.build_schedules, for the worker and in-process loops."""
+    from model import schedules
+    return schedules.build_schedules(
+        steps, base_lr=optim.base_lr, batch_size=optim.batch_size, warmup_iters=optim.warmup_iters,
+        min_lr=optim.min_lr, wd=optim.weight_decay, momentum=optim.momentum_teacher,
+        teacher_temp=optim.teacher_temp, teacher_temp_warmup_iters=optim.teacher_temp_warmup_iters,
+        freeze_last_layer_iters=optim.freeze_last_layer_iters)
+
+
 def train_in_process(job, resolved: config.ResolvedPhase, steps: int) -> torch.nn.Module:
     """`steps` steps of a pretrain phase in this process on one rank (no Ray, no backend): the same
     model, loader, AdamW groups and schedules as a worker, plain AdamW and EMA. For test fixtures and
@@ -148,10 +159,7 @@ def train_in_process(job, resolved: config.ResolvedPhase, steps: int) -> torch.n
     o = resolved.optim
     meta = build_meta(job, resolved, None)
     opt = torch.optim.AdamW(adamw_groups(meta, o), lr=0.0, betas=o.adamw_betas)
-    sched = schedules.build_schedules(
-        steps, base_lr=o.base_lr, batch_size=o.batch_size, warmup_iters=o.warmup_iters, min_lr=o.min_lr,
-        wd=o.weight_decay, momentum=o.momentum_teacher, teacher_temp=o.teacher_temp,
-        teacher_temp_warmup_iters=o.teacher_temp_warmup_iters, freeze_last_layer_iters=o.freeze_last_layer_iters)
+    sched = step_schedules(o, steps)
     loader = make_loader(job, resolved, 0, 1, None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed + 1)

@@ -28,7 +28,7 @@ from model import LOSS_PARTS, schedules
 from orchestrator.layout import PhaseDir
 from orchestrator.pipeline import config
 from orchestrator.training import backends, checkpoint, elastic, records
-from orchestrator.training.setup import build_meta, make_loader, train_flops_per_image
+from orchestrator.training.setup import build_meta, make_loader, step_schedules, train_flops_per_image
 
 
 @dataclasses.dataclass
@@ -140,12 +140,7 @@ def start(cfg: dict) -> Worker:
         torch.use_deterministic_algorithms(True, warn_only=True)
     meta = build_meta(job, resolved, cfg["student_arch"], teacher=cfg["teacher"])
     backend = backends.build(meta, job, device, optim, accum)
-    sched = schedules.build_schedules(
-        resolved.phase.steps, base_lr=optim.base_lr, batch_size=optim.batch_size,
-        warmup_iters=optim.warmup_iters, min_lr=optim.min_lr, wd=optim.weight_decay,
-        momentum=optim.momentum_teacher, teacher_temp=optim.teacher_temp,
-        teacher_temp_warmup_iters=optim.teacher_temp_warmup_iters,
-        freeze_last_layer_iters=optim.freeze_last_layer_iters)
+    sched = step_schedules(optim, resolved.phase.steps)
     in_ray = elastic.in_ray_train()
     saver = checkpoint.Checkpointer(backend, phase_dir, keep_last=job.checkpoint.keep_last,
                                     async_save=job.checkpoint.async_save,
