@@ -1,6 +1,7 @@
 """Learning benchmark: k-NN accuracy on CIFAR-10 against pretraining time (a benchmark, not a CI test).
 
-    .venv/bin/python bench/learn.py                          # 57 min on the 2-core dev box (--max-minutes)
+    .venv/bin/python bench/learn.py                          # 60 min of training (--minutes), ~65 min wall
+    .venv/bin/python bench/learn.py --minutes 24             # the schedule fitted to 24 min instead
     .venv/bin/python bench/learn.py --steps 300 --evals 3    # a quick look (~5 min)
     .venv/bin/python bench/learn.py --job jobs/smoke_cpu.yaml --set optim.base_lr=0.002 ...
 
@@ -12,7 +13,8 @@ What it does, in one process (no Ray, so no per-phase start-up cost):
      randomly initialised backbone of the trained arch without LayerScale;
   3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
      --set) on the train shards without labels: the worker loop of orchestrator/training/worker.py
-     (schedules -> loss -> backward -> clip -> AdamW -> EMA), on one rank with the global batch;
+     (schedules -> loss -> backward -> clip -> AdamW -> EMA), on one rank with the global batch, for
+     --minutes of training, with the schedules fitted to that budget from the measured step time;
   4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and
      prints the curve: step, images seen, training seconds (k-NN time excluded), k-NN top-1.
 
@@ -41,9 +43,8 @@ from orchestrator.training import setup  # noqa: E402
 from orchestrator.data.loader import MultiCropLoader  # noqa: E402
 
 # The 60-minute recipe on top of the smoke job (whose values and reasons are in jobs/smoke_cpu.yaml):
-# the same model, crops and optimiser, on a schedule long enough for the time limit (it stops there).
+# the same model, crops and optimiser; the schedule's length is fitted to --minutes (run() below).
 BENCH_SETS = [
-    "phases.pretrain.steps=4500",
     "optim.warmup_iters=30",
     "optim.momentum_teacher=[0.96,0.996]",   # the teacher slows down over a long run, as in the paper
 ]
@@ -99,21 +100,27 @@ def pct(acc: dict) -> str:
 
 
 def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
-    """The worker loop of orchestrator/training/worker.py on one rank; k-NN of `evaluated` along the way."""
+    """The worker loop of orchestrator/training/worker.py on one rank; k-NN of `evaluated` along the way.
+
+    A training-time budget (--minutes) unless --steps fixes the length: the phase's schedules are built
+    for its provisional step count, and after --fit-after steps (inside the warm-up, whose ramp does not
+    depend on the length) they are rebuilt for the steps that fit the budget at the measured step time,
+    so the cosine ends when the budget does. k-NN at --evals evenly spaced points of training time."""
     steps, o = r.phase.steps, r.optim
     opt = torch.optim.AdamW(param_groups(meta.student, layer_decay=o.layer_decay,
                                          patch_embed_lr_mult=o.patch_embed_lr_mult), lr=0.0, betas=o.adamw_betas)
     sched = setup.step_schedules(o, steps)
     loader = make_loader(job, r, json.loads(args.aug), args.loader_workers)
-    eval_at = sorted({int(round(steps * (i + 1) / args.evals)) for i in range(args.evals)})
-    print(f"[{label}] {steps} steps of {o.batch_size} images ({steps * o.batch_size / loader.total:.2f} epochs); "
-          f"k-NN at steps 0, {eval_at}", flush=True)
+    budget = args.minutes * 60
+    marks = [budget * (i + 1) / args.evals for i in range(args.evals)]
+    print(f"[{label}] batch {o.batch_size}, {budget / 60:g} min of training, "
+          + (f"{steps} steps (--steps)" if args.steps else f"steps fitted to the budget after {args.fit_after}")
+          + f"; k-NN at 0 and {', '.join(f'{m / 60:g}' for m in marks)} min", flush=True)
     print(f"{'step':>6} {'images':>8} {'train_s':>8} {'wall_s':>7} {'img/s':>6} {'loss':>7}  k-NN top-1", flush=True)
     acc = knn(evaluated, data)
     print(f"{0:>6} {0:>8} {0.0:>8.0f} {time.perf_counter() - t_wall:>7.0f} {'':>6} {'':>7}  {pct(acc)}", flush=True)
     curve = [(0, 0.0, acc)]
     it, step, train_s, losses = iter(loader), 0, 0.0, []
-    t_limit = args.max_minutes * 60
     while step < steps:
         t_step = time.perf_counter()
         try:
@@ -132,17 +139,27 @@ def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
         step += 1
         losses.append(loss.item())
         train_s += time.perf_counter() - t_step
-        over = time.perf_counter() - t_wall > t_limit
+        if step == 5:
+            warm_s = train_s  # the first steps are slower (allocations, loader start-up): not timed for the fit
+        if step == args.fit_after and not args.steps:
+            per_step = (train_s - warm_s) / (step - 5)
+            steps = max(step + 1, step + int((budget - train_s) / per_step))
+            sched = setup.step_schedules(o, steps)
+            print(f"[{label}] {per_step:.3f} s/step over steps 6-{step}: the schedules now span "
+                  f"{steps} steps ({steps * o.batch_size / loader.total:.1f} epochs)", flush=True)
+        over = train_s >= budget
         line = (f"{step:>6} {step * o.batch_size:>8} {train_s:>8.0f} {time.perf_counter() - t_wall:>7.0f} "
                 f"{step * o.batch_size / train_s:>6.0f} {np.mean(losses[-20:]):>7.3f}  ")
-        if step in eval_at or over:
+        if (marks and train_s >= marks[0]) or over or step == steps:
+            while marks and train_s >= marks[0]:
+                marks.pop(0)
             acc = knn(evaluated, data)
             curve.append((step, train_s, acc))
             print(line + pct(acc), flush=True)
         elif args.progress and step % args.progress == 0:
             print(line + " ".join(f"{k} {float(v):.3f}" for k, v in parts.items()), flush=True)
-        if over:
-            print(f"stopped at step {step}/{steps}: --max-minutes {args.max_minutes} reached", flush=True)
+        if over and step < steps:
+            print(f"stopped at step {step}/{steps}: --minutes {args.minutes} of training reached", flush=True)
             break
     return curve
 
@@ -152,9 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--job", default="jobs/smoke_cpu.yaml")
     ap.add_argument("--set", action="append", default=[], help="job override a.b=c (after BENCH_SETS)")
     ap.add_argument("--no-bench-sets", action="store_true", help="train the job's pretrain phase as it is")
-    ap.add_argument("--steps", type=int, default=None, help="shortcut for --set phases.pretrain.steps=N")
-    ap.add_argument("--evals", type=int, default=6, help="k-NN points along the run (plus step 0)")
-    ap.add_argument("--max-minutes", type=float, default=57.0, help="stop training (and evaluate) after this")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="a fixed schedule length (--set phases.pretrain.steps=N) instead of one fitted to --minutes")
+    ap.add_argument("--minutes", type=float, default=60.0,
+                    help="training-time budget (k-NN time excluded); the schedules end with it unless --steps")
+    ap.add_argument("--fit-after", type=int, default=20,
+                    help="the schedules are fitted to the budget from the time of steps 6 to this one (> 5)")
+    ap.add_argument("--evals", type=int, default=10, help="k-NN points evenly spaced in training time (plus step 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes doing the augmentation")
     ap.add_argument("--aug", default="{}", help='extra MultiCrop args as JSON, e.g. {"blur_p": [0.5, 0.1, 0.2]}')
@@ -167,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--load", default=None, help="skip pretraining: load an SSLMetaArch state dict saved by --save")
     ap.add_argument("--progress", type=int, default=0, help="print a progress line every N steps")
     args = ap.parse_args(argv)
+    if args.fit_after <= 5:
+        ap.error("--fit-after must be > 5: the first 5 steps are not timed for the fit")
 
     t_wall = time.perf_counter()
     torch.set_num_threads(args.threads)
