@@ -112,10 +112,12 @@ def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
     sched = setup.step_schedules(o, steps)
     loader = make_loader(job, r, json.loads(args.aug), args.loader_workers)
     budget = args.minutes * 60
-    marks = [budget * (i + 1) / args.evals for i in range(args.evals)]
-    print(f"[{label}] batch {o.batch_size}, {budget / 60:g} min of training, "
-          + (f"{steps} steps (--steps)" if args.steps else f"steps fitted to the budget after {args.fit_after}")
-          + f"; k-NN at 0 and {', '.join(f'{m / 60:g}' for m in marks)} min", flush=True)
+    # k-NN points: evenly spaced in steps for a fixed length (--steps), else in training time
+    marks = [(steps if args.steps else budget) * (i + 1) / args.evals for i in range(args.evals)]
+    print(f"[{label}] batch {o.batch_size}, at most {budget / 60:g} min of training, "
+          + (f"{steps} steps (--steps); k-NN at step 0 and steps {', '.join(f'{m:.0f}' for m in marks)}"
+             if args.steps else f"steps fitted to the budget after {args.fit_after}; k-NN at 0 and "
+             f"{', '.join(f'{m / 60:g}' for m in marks)} min"), flush=True)
     print(f"{'step':>6} {'images':>8} {'train_s':>8} {'wall_s':>7} {'img/s':>6} {'loss':>7}  k-NN top-1", flush=True)
     acc = knn(evaluated, data)
     print(f"{0:>6} {0:>8} {0.0:>8.0f} {time.perf_counter() - t_wall:>7.0f} {'':>6} {'':>7}  {pct(acc)}", flush=True)
@@ -150,8 +152,9 @@ def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
         over = train_s >= budget
         line = (f"{step:>6} {step * o.batch_size:>8} {train_s:>8.0f} {time.perf_counter() - t_wall:>7.0f} "
                 f"{step * o.batch_size / train_s:>6.0f} {np.mean(losses[-20:]):>7.3f}  ")
-        if (marks and train_s >= marks[0]) or over or step == steps:
-            while marks and train_s >= marks[0]:
+        at = step if args.steps else train_s
+        if (marks and at >= marks[0]) or over or step == steps:
+            while marks and at >= marks[0]:
                 marks.pop(0)
             acc = knn(evaluated, data)
             curve.append((step, train_s, acc))
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
                     help="training-time budget (k-NN time excluded); the schedules end with it unless --steps")
     ap.add_argument("--fit-after", type=int, default=20,
                     help="the schedules are fitted to the budget from the time of steps 6 to this one (> 5)")
-    ap.add_argument("--evals", type=int, default=10, help="k-NN points evenly spaced in training time (plus step 0)")
+    ap.add_argument("--evals", type=int, default=10,
+                    help="k-NN points evenly spaced in training time, or in steps with --steps (plus step 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes doing the augmentation")
     ap.add_argument("--aug", default="{}", help='extra MultiCrop args as JSON, e.g. {"blur_p": [0.5, 0.1, 0.2]}')
