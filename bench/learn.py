@@ -99,24 +99,25 @@ def pct(acc: dict) -> str:
     return " ".join(f"k={k} {100 * v:5.2f}%" for k, v in acc.items())
 
 
-def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
+def run(meta, evaluated, job, r, data, args, t_wall, label, fixed: bool) -> list:
     """The worker loop of orchestrator/training/worker.py on one rank; k-NN of `evaluated` along the way.
 
-    A training-time budget (--minutes) unless --steps fixes the length: the phase's schedules are built
-    for its provisional step count, and after --fit-after steps (inside the warm-up, whose ramp does not
-    depend on the length) they are rebuilt for the steps that fit the budget at the measured step time,
-    so the cosine ends when the budget does. k-NN at --evals evenly spaced points of training time."""
+    A training-time budget (--minutes) unless `fixed` (--steps, --distill-steps) keeps the phase's
+    length: the schedules are built for the provisional step count, and after --fit-after steps (inside
+    the warm-up, whose ramp does not depend on the length) rebuilt for the steps that fit the budget at
+    the measured step time (never shorter than the warm-up), so the cosine ends when the budget does.
+    k-NN at --evals evenly spaced points of training time (of steps when fixed)."""
     steps, o = r.phase.steps, r.optim
     opt = torch.optim.AdamW(param_groups(meta.student, layer_decay=o.layer_decay,
                                          patch_embed_lr_mult=o.patch_embed_lr_mult), lr=0.0, betas=o.adamw_betas)
     sched = setup.step_schedules(o, steps)
     loader = make_loader(job, r, json.loads(args.aug), args.loader_workers)
     budget = args.minutes * 60
-    # k-NN points: evenly spaced in steps for a fixed length (--steps), else in training time
-    marks = [(steps if args.steps else budget) * (i + 1) / args.evals for i in range(args.evals)]
+    # k-NN points: evenly spaced in steps for a fixed length, else in training time
+    marks = [(steps if fixed else budget) * (i + 1) / args.evals for i in range(args.evals)]
     print(f"[{label}] batch {o.batch_size}, at most {budget / 60:g} min of training, "
-          + (f"{steps} steps (--steps); k-NN at step 0 and steps {', '.join(f'{m:.0f}' for m in marks)}"
-             if args.steps else f"steps fitted to the budget after {args.fit_after}; k-NN at 0 and "
+          + (f"{steps} steps; k-NN at step 0 and steps {', '.join(f'{m:.0f}' for m in marks)}"
+             if fixed else f"steps fitted to the budget after {args.fit_after}; k-NN at 0 and "
              f"{', '.join(f'{m / 60:g}' for m in marks)} min"), flush=True)
     print(f"{'step':>6} {'images':>8} {'train_s':>8} {'wall_s':>7} {'img/s':>6} {'loss':>7}  k-NN top-1", flush=True)
     acc = knn(evaluated, data)
@@ -143,16 +144,16 @@ def run(meta, evaluated, job, r, data, args, t_wall, label) -> list:
         train_s += time.perf_counter() - t_step
         if step == 5:
             warm_s = train_s  # the first steps are slower (allocations, loader start-up): not timed for the fit
-        if step == args.fit_after and not args.steps:
+        if step == args.fit_after and not fixed:
             per_step = (train_s - warm_s) / (step - 5)
-            steps = max(step + 1, step + int((budget - train_s) / per_step))
+            steps = max(step + 1, o.warmup_iters + 1, step + int((budget - train_s) / per_step))
             sched = setup.step_schedules(o, steps)
             print(f"[{label}] {per_step:.3f} s/step over steps 6-{step}: the schedules now span "
                   f"{steps} steps ({steps * o.batch_size / loader.total:.1f} epochs)", flush=True)
         over = train_s >= budget
         line = (f"{step:>6} {step * o.batch_size:>8} {train_s:>8.0f} {time.perf_counter() - t_wall:>7.0f} "
                 f"{step * o.batch_size / train_s:>6.0f} {np.mean(losses[-20:]):>7.3f}  ")
-        at = step if args.steps else train_s
+        at = step if fixed else train_s
         if (marks and at >= marks[0]) or over or step == steps:
             while marks and at >= marks[0]:
                 marks.pop(0)
@@ -228,7 +229,8 @@ def main(argv=None) -> int:
         meta.load_state_dict(torch.load(args.load, weights_only=True))
         print(f"pretrained model loaded from {args.load}: {pct(knn(meta.teacher['backbone'], data))}", flush=True)
     else:
-        curve = run(meta, meta.teacher["backbone"], job, r, data, args, t_wall, "pretrain")
+        curve = run(meta, meta.teacher["backbone"], job, r, data, args, t_wall, "pretrain",
+                    fixed=bool(args.steps))
         best = max(curve, key=lambda c: c[2][20])
         print(f"best k=20: {100 * best[2][20]:.2f}% at step {best[0]} ({best[1] / 60:.1f} min of training); "
               f"total wall {(time.perf_counter() - t_wall) / 60:.1f} min", flush=True)
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
         dmeta = DistillMetaArch(cfg, meta.teacher).train()
         print(f"distillation of the pretrained teacher into {student} (no highres phase in between): "
               f"{rd.optim}", flush=True)
-        curve = run(dmeta, dmeta.student_ema["backbone"], djob, rd, data, args, t_wall, "distill")
+        curve = run(dmeta, dmeta.student_ema["backbone"], djob, rd, data, args, t_wall, "distill",
+                    fixed=True)
         print(f"distilled {student}: k=20 {100 * curve[-1][2][20]:.2f}%; total wall "
               f"{(time.perf_counter() - t_wall) / 60:.1f} min", flush=True)
     return 0
