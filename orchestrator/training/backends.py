@@ -221,6 +221,10 @@ class DeepSpeedBackend(Backend):
         }
         if bf16 and job.precision.reduce_dtype == "fp32":
             cfg["communication_data_type"] = "fp32"
+        # DeepSpeed JIT-builds its shared-memory all-reduce op (C++, ~55 s on 2 cores, once per machine or
+        # pod) when it first wraps the process group on a CPU; only DeepSpeed-inference's all-reduce uses it,
+        # training's collectives go through torch.distributed. deepspeed.ops keeps this dict per process.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         _per_block(meta, job.fsdp.activation_checkpointing, job.fsdp.compile, towers=("student",))
         meta.to(device)
         self.ema_targets, self.ema_sources = meta.ema_pairs()
