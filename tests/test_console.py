@@ -7,6 +7,7 @@ own error (not Ray's wrapper) with the path of its log. Files are written as a r
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -133,15 +134,15 @@ def test_ray_logs_link_under_the_run(tmp_path):
 
 
 def test_local_ray_env_states_token_auth_to_ray_already_imported(monkeypatch):
-    from ray._raylet import AuthenticationMode, get_authentication_mode
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    Config.initialize("")                             # not what an earlier test's ray.init left cached
     console.local_ray_env()                           # an explicit mode is kept
-    assert get_authentication_mode() != AuthenticationMode.TOKEN
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and get_authentication_mode() != AuthenticationMode.TOKEN
     monkeypatch.delenv("RAY_AUTH_MODE")
     console.local_ray_env()
     assert get_authentication_mode() == AuthenticationMode.TOKEN   # ray was imported before: refreshed
     monkeypatch.undo()
-    from ray._raylet import Config
     Config.initialize("")
 
 

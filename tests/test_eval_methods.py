@@ -83,20 +83,19 @@ def test_linear_grid_learns_a_separable_problem_and_choice_uses_val_only():
 def test_yardsticks_are_cached_per_arch_and_settings(tmp_path):
     sd = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4).state_dict()
     layout = RunLayout(Store(str(tmp_path)), "run")
-    calls = []
-
-    def run_methods(weights, methods):
-        calls.append(("pixels" if weights is None else "random", tuple(methods)))
-        return {m: {"top1": 0.1} for m in methods}
-
     s = {"methods": ["knn", "linear"], "image_size": 32, "train": "a", "test": "b"}
-    first = baselines.yardsticks(sd, run_methods, s, layout, log=lambda *_: None)
-    again = baselines.yardsticks(sd, run_methods, s, layout, log=lambda *_: None)
-    assert first == again and calls == [("random", ("knn", "linear")), ("pixels", ("knn",))]
-    baselines.yardsticks(sd, run_methods, {**s, "test": "c"}, layout, log=lambda *_: None)
-    assert len(calls) == 4  # other data: computed again
+    cached, todo = baselines.plan(sd, s, layout)
+    assert cached == {} and {kind: (w is None, m) for kind, (w, m, _) in todo.items()} == {
+        "random_init": (False, ["knn", "linear"]), "pixels": (True, ["knn"])}  # no linear probe on pixels
+    for kind, (_, methods, store) in todo.items():
+        store.write_json({m: {"top1": 0.1, "kind": kind} for m in methods})
+    cached, todo = baselines.plan(sd, s, layout)
+    assert todo == {} and cached["pixels"] == {"knn": {"top1": 0.1, "kind": "pixels"}}
+    assert set(cached["random_init"]) == {"knn", "linear"}
+    _, todo = baselines.plan(sd, {**s, "test": "c"}, layout)
+    assert set(todo) == {"random_init", "pixels"}  # other data: computed again
     rand = baselines.random_state_dict(sd)
-    assert all(torch.equal(rand[k], baselines.random_state_dict(sd)[k]) for k in rand)  # seeded
+    assert all(torch.equal(rand[k], todo["random_init"][0][k]) for k in rand)  # seeded
 
 
 def _shards(tmp_path, name, classes, n=4):

@@ -66,7 +66,7 @@ def test_run_eval_reports_knn_with_its_yardsticks_and_caches_them(tmp_path, cifa
     # the stored backbone is itself a fresh init (seed 0): the yardstick is the same eval of the same weights
     assert got["baselines"]["random_init"]["knn"]["top1"] == got["top1"]
     assert again["metrics"]["distill-vit_pico"]["baselines"] == got["baselines"]
-    assert sum("yardstick from cache" in line for line in lines) == 2  # the second run read both
+    assert sum(line.endswith("(cached)") for line in lines) == 2  # the second run read both
 
 
 @pytest.mark.slow
@@ -79,15 +79,19 @@ def test_sharded_knn_keeps_features_on_workers_and_matches_the_gathered_knn(cifa
     sd = dmodel.build_backbone("vit_pico", img_size=32, patch_size=4, layerscale_init=None).state_dict()
     kw = dict(train_limit=6000, test_limit=1000, ks=(10, 20))
     gathered = knn.knn_eval(sd, cifar_shards["train"], cifar_shards["test"], **kw)
+    pixels = knn.knn_eval(None, cifar_shards["train"], cifar_shards["test"], image_size=32, **kw)
     ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        sharded = knn_dist.knn_eval_sharded(sd, cifar_shards["train"], cifar_shards["test"], parallel=2,
-                                            actor_options=dict(num_cpus=1), **kw)
+    try:  # the backbone and the raw pixels from one pass over the images
+        both = knn_dist.knn_eval_sharded_many({"net": sd, "pixels": None}, cifar_shards["train"],
+                                              cifar_shards["test"], parallel=2, actor_options=dict(num_cpus=1), **kw)
     finally:
         ray.shutdown()
-    assert (sharded["n_train"], sharded["n_test"], sharded["parallel"]) == (6000, 1000, 2)
-    for k in ("10", "20"):
-        assert abs(sharded["top1"][k] - gathered["top1"][k]) <= 1 / 1000  # at most one tie broken differently
+    sharded = both["net"]
+    assert (sharded["n_train"], sharded["n_test"], sharded["parallel"], sharded["pass_sources"]) == (6000, 1000, 2, 2)
+    for k in ("10", "20"):  # at most one tie broken differently
+        assert abs(sharded["top1"][k] - gathered["top1"][k]) <= 1 / 1000
+        assert abs(both["pixels"]["top1"][k] - pixels["top1"][k]) <= 1 / 1000
+    assert pixels["top1"] != gathered["top1"]  # two different sources, not one bank read twice
     # the driver received the test labels and 2 banks x 20 (similarity, label) pairs per query, nothing more:
     # 1000 x (8 + 2 x 20 x (4 + 8)) bytes, against 7000 x 64 x 4 bytes of features for the gathered k-NN
     assert sharded["driver_bytes"] == 1000 * (8 + 2 * 20 * 12)
@@ -117,10 +121,10 @@ def test_merging_per_bank_top_k_equals_the_k_nn_over_the_whole_bank():
     train_l[-1] = 6  # a class only the train split has: the votes must have room for it
     banks = []
     for lo, hi in ((0, 120), (120, 300)):
-        bank = knn_dist.Bank(None, 32, 8, None, "pixels")
-        bank.feats, bank.labels = train[lo:hi], train_l[lo:hi]
+        bank = knn_dist.Bank(["pixels"], 32, 8, None, None)
+        bank.feats, bank.labels = [train[lo:hi]], train_l[lo:hi]
         banks.append(bank)
-    parts = [bank.topk((test, test_l), 20) for bank in banks]
+    parts = [bank.topk(([test], test_l), 20) for bank in banks]
     merged = knn_dist.merge_votes(parts, test_l, (1, 10, 20), 0.07, 7)
     whole = knn.knn_accuracy(train, train_l, test, test_l, ks=(1, 10, 20))
     assert {k: c / 50 for k, c in merged.items()} == pytest.approx(whole)

@@ -45,7 +45,7 @@ def commit(phase, step, committed=True):
 def running_run(tmp_path, monkeypatch, step=130, steps=180):
     layout = RunLayout(Store(str(tmp_path)), "smoke")
     phases = [{"name": "pretrain", "kind": "pretrain", "state": "running", "step": 0, "steps": steps,
-               "checkpoint": None, "error": None},
+               "checkpoint": None, "error": None, "batch_size": 128},  # 2 ranks of 64 (write_steps: rank 0)
               {"name": "eval", "kind": "eval", "state": "pending", "step": 0, "steps": 0, "checkpoint": None,
                "error": None}]
     layout.pipeline.write_json({"name": "smoke", "storage": str(tmp_path), "phases": phases})
@@ -63,12 +63,13 @@ def test_running_phase_shows_live_step_rate_eta_and_committed_checkpoint(tmp_pat
     live = state["phases"][0]
     assert live["state"] == "running" and live["step"] == 130 and live["steps"] == 180
     assert live["checkpoint_step"] == 120 and live["checkpoint"] == str(layout.phase("pretrain").checkpoint(120))
-    assert live["images_per_s"] == pytest.approx(128.0)
+    assert live["images_per_s"] == pytest.approx(256.0)  # the job's: 128 images per 0.5 s step, not rank 0's 128
+    assert progress.key_progress(layout.phase("pretrain"), 180)["images_per_s"] == pytest.approx(128.0)  # no batch
     assert live["eta_s"] == pytest.approx(50 * 0.5)
     assert live["loss"] == pytest.approx(10.0 - 1.30)
     assert state["phases"][1] == json.loads(layout.pipeline.read_bytes())["phases"][1]  # pending: as stored
     text = progress.fmt_status(state, now=live["updated"] + 3)
-    assert "step 130/180  128.0 img/s  ETA 0:25  loss 8.7  ckpt step 120  (updated 0:03 ago)" in text, text
+    assert "step 130/180  256.0 img/s  ETA 0:25  loss 8.7  ckpt step 120  (updated 0:03 ago)" in text, text
 
 
 def test_tail_is_read_from_a_long_metrics_file(tmp_path, monkeypatch):

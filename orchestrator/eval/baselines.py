@@ -2,7 +2,8 @@
 and (k-NN, retrieval) on raw pixels at the eval resolution. Both are cached per architecture, image
 size and eval settings under the run (`RunLayout.eval_baseline(key)`), so they are computed once per run.
 
-No entrypoint; `orchestrator/eval/phase.py` calls `yardsticks` for each evaluated backbone.
+No entrypoint; `orchestrator/eval/phase.py` calls `plan` for each evaluated backbone and evaluates what
+is not cached with it (one pass over the images for a k-NN).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import model as dmodel
 from orchestrator.eval import features
 
 INIT_SEED = 0   # the random-init backbone is built under this seed (same weights in every run)
+KINDS = ("random_init", "pixels")
 
 
 def random_state_dict(sd: dict[str, torch.Tensor], seed: int = INIT_SEED) -> dict[str, torch.Tensor]:
@@ -37,28 +39,23 @@ def cache_key(kind: str, tag: str, settings: dict) -> str:
     return f"{kind}-{tag}-{digest}"
 
 
-def cached(store, compute, log=print) -> dict:
-    """The JSON result at `store` (a Store), or compute() written there first."""
-    hit = store.read_json()
-    if hit is not None:
-        log(f"[eval] yardstick from cache: {store.name}")
-        return hit
-    res = compute()
-    store.write_json(res)
-    return res
-
-
-def yardsticks(sd: dict[str, torch.Tensor], run_methods, settings: dict, layout, log=print) -> dict:
-    """{"random_init": {method: result}, "pixels": {method: result}} for this backbone's architecture.
-    `run_methods(weights, methods) -> {method: result}` runs the eval (weights None: raw pixels);
-    `settings` holds everything the result depends on besides the weights (data, sizes, methods)."""
+def plan(sd: dict[str, torch.Tensor], settings: dict, layout) -> tuple[dict, dict]:
+    """The yardsticks of this backbone's architecture: ({kind: cached result}, {kind: (weights, methods,
+    store)} still to compute, the result then written to `store`), kinds in KINDS order. `settings` holds
+    everything the result depends on besides the weights (data, sizes, methods); weights None: raw pixels."""
     methods = list(settings["methods"])
-    rand_key = cache_key("random_init", arch_tag(sd), settings)
-    out = {"random_init": cached(layout.eval_baseline(rand_key),
-                                 lambda: run_methods(random_state_dict(sd), methods), log)}
     pixel_methods = [m for m in methods if m in ("knn", "retrieval")]
+    wanted = {"random_init": (lambda: random_state_dict(sd), methods,
+                              cache_key("random_init", arch_tag(sd), settings))}
     if pixel_methods:
-        pix_settings = {**settings, "methods": pixel_methods}
-        pix_key = cache_key("pixels", f"{settings['image_size']}px", pix_settings)
-        out["pixels"] = cached(layout.eval_baseline(pix_key), lambda: run_methods(None, pixel_methods), log)
-    return out
+        wanted["pixels"] = (lambda: None, pixel_methods,
+                            cache_key("pixels", f"{settings['image_size']}px", {**settings, "methods": pixel_methods}))
+    cached, todo = {}, {}
+    for kind, (weights, kind_methods, key) in wanted.items():
+        store = layout.eval_baseline(key)
+        hit = store.read_json()
+        if hit is not None:
+            cached[kind] = hit
+        else:
+            todo[kind] = (weights(), kind_methods, store)
+    return cached, todo

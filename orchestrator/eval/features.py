@@ -4,7 +4,8 @@
 - `infer_arch(sd)` / `backbone_from_state_dict(sd)`: the architecture read off the tensors' shapes.
 - `shard_plan(url, limit)` / `split_work(items, parts)`: labelled shards cut into groups of equal size,
   one group per parallel task (a shard may be split between two groups).
-- `embed_shards(weights, items, size, kind=...)`: one task's features and labels, `kind` one of
+- `embed_shards(weights, items, size, kind=...)`: one task's features and labels (`embed_shards_many`:
+  several backbones' from one decoding of the images), `kind` one of
   FEATURE_KINDS: "cls" (L2-normalised CLS, k-NN/retrieval), "blocks" (the linear probe's input: CLS of
   the last LAST_BLOCKS blocks and the average-pooled patch tokens of the last, all after the final norm,
   as the reference's `get_intermediate_layers(..., norm=True)`), "pixels" (the raw-pixel baseline).
@@ -201,17 +202,30 @@ def embed_shards(weights, items: list[tuple[str, int, int]], image_size: int | N
     One call is one unit of parallel work (a Ray task in the eval phase). `weights`: a URL, a state
     dict, or None for kind="pixels"."""
     size = image_size_of(weights, image_size, storage_options)
-    embed = make_embedder(weights, kind, storage_options)
-    feats, labels, batch = [], [], []
+    (feats,), labels = embed_shards_many([(weights, kind)], items, size, batch_size, storage_options)
+    return feats, labels
+
+
+def embed_shards_many(sources: list[tuple], items: list[tuple[str, int, int]], image_size: int,
+                      batch_size: int = EMBED_BATCH, storage_options: dict | None = None):
+    """([features of each (weights, kind) in `sources`], labels): the images are read and decoded once
+    for every source (an eval phase's backbone and its yardsticks in one pass)."""
+    embeds = [make_embedder(weights, kind, storage_options) for weights, kind in sources]
+    feats, labels, batch = [[] for _ in sources], [], []
+
+    def flush():
+        imgs = torch.stack(batch)
+        for out, embed in zip(feats, embeds):
+            out.append(embed(imgs))
+        batch.clear()
     for img, label in iter_items(items, storage_options):
-        batch.append(to_tensor(img, size))
+        batch.append(to_tensor(img, image_size))
         labels.append(label)
         if len(batch) == batch_size:
-            feats.append(embed(torch.stack(batch)))
-            batch.clear()
+            flush()
     if batch:
-        feats.append(embed(torch.stack(batch)))
-    return (torch.cat(feats) if feats else torch.empty(0)), torch.tensor(labels, dtype=torch.long)
+        flush()
+    return [torch.cat(f) if f else torch.empty(0) for f in feats], torch.tensor(labels, dtype=torch.long)
 
 
 def local_map(fn, arglist):

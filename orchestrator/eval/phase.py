@@ -36,21 +36,21 @@ def eval_settings(ev, data, image_size: int) -> dict:
     return out
 
 
-def classify(weights, s: dict, storage_options, parallel: int, map_fn, log=print, actor_options=None) -> dict:
+def knn_kwargs(s: dict, storage_options, parallel: int) -> dict:
+    return dict(ks=tuple(s["ks"]), temperature=s["temperature"], image_size=s["image_size"],
+                train_limit=s["max_train_images"], test_limit=s["max_test_images"], batch_size=s["batch_size"],
+                storage_options=storage_options, parallel=parallel)
+
+
+def classify(weights, s: dict, storage_options, parallel: int, map_fn, log=print) -> dict:
     """{"knn": ..., "linear": ...} for the methods of s["methods"]. With "linear", the train split is
     embedded first (CLS of the last blocks + pooled patches), the head chosen, then the test split
-    embedded; the k-NN reuses the last block's CLS of the same features. A k-NN alone with
-    `actor_options` (on Ray) keeps the features on the workers (knn_dist.py)."""
+    embedded; the k-NN reuses the last block's CLS of the same features."""
     common = dict(batch_size=s["batch_size"], storage_options=storage_options, parallel=parallel)
-    limits = dict(train_limit=s["max_train_images"], test_limit=s["max_test_images"])
     size = s["image_size"]
     if "linear" not in s["methods"]:
-        knn_kw = dict(ks=tuple(s["ks"]), temperature=s["temperature"], image_size=size, **limits, **common)
-        if actor_options is not None:
-            from orchestrator.eval import knn_dist
-            return {"knn": knn_dist.knn_eval_sharded(weights, s["train"], s["test"], actor_options=actor_options,
-                                                     **knn_kw)}
-        return {"knn": knn.knn_eval(weights, s["train"], s["test"], map_fn=map_fn, **knn_kw)}
+        return {"knn": knn.knn_eval(weights, s["train"], s["test"], map_fn=map_fn,
+                                    **knn_kwargs(s, storage_options, parallel))}
     common["map_fn"] = map_fn
     t0 = time.time()
     plans = features.labelled_plans({"train": s["train"], "test": s["test"]}, storage_options,
@@ -78,15 +78,32 @@ def classify(weights, s: dict, storage_options, parallel: int, map_fn, log=print
 
 def evaluate(weights, s: dict, storage_options, parallel: int, map_fn, log=print, actor_options=None) -> dict:
     """{method: result} for a backbone (URL / state dict) or raw pixels (None: k-NN and retrieval only)."""
-    res = {}
-    if {"knn", "linear"} & set(s["methods"]):
-        res.update(classify(weights, s, storage_options, parallel, map_fn, log, actor_options))
-    if "retrieval" in s["methods"]:
-        res["retrieval"] = retrieval.retrieval_eval(
-            weights, s["test"], queries=s["retrieval_queries"], copies=s["retrieval_copies"],
-            distractors=s["retrieval_distractors"], image_size=s["image_size"], batch_size=s["batch_size"],
-            storage_options=storage_options, parallel=parallel, map_fn=map_fn)
-    return res
+    return evaluate_many({"": (weights, s["methods"])}, s, storage_options, parallel, map_fn, log, actor_options)[""]
+
+
+def evaluate_many(sources: dict, s: dict, storage_options, parallel: int, map_fn, log=print,
+                  actor_options=None) -> dict[str, dict]:
+    """{name: {method: result}} for {name: (weights, methods)}. On Ray (`actor_options`), the k-NN of every
+    source without a linear probe runs in one pass over the images, the features kept on the workers
+    (knn_dist.py); the other methods run source by source."""
+    out = {name: {} for name in sources}
+    sharded = [name for name, (_, methods) in sources.items() if "knn" in methods and "linear" not in methods]
+    if actor_options is not None and sharded:
+        from orchestrator.eval import knn_dist
+        res = knn_dist.knn_eval_sharded_many({name: sources[name][0] for name in sharded}, s["train"], s["test"],
+                                             actor_options=actor_options, **knn_kwargs(s, storage_options, parallel))
+        for name in sharded:
+            out[name]["knn"] = res[name]
+    for name, (weights, methods) in sources.items():
+        todo = [m for m in methods if m not in out[name]]
+        if {"knn", "linear"} & set(todo):
+            out[name].update(classify(weights, {**s, "methods": todo}, storage_options, parallel, map_fn, log))
+        if "retrieval" in todo:
+            out[name]["retrieval"] = retrieval.retrieval_eval(
+                weights, s["test"], queries=s["retrieval_queries"], copies=s["retrieval_copies"],
+                distractors=s["retrieval_distractors"], image_size=s["image_size"], batch_size=s["batch_size"],
+                storage_options=storage_options, parallel=parallel, map_fn=map_fn)
+    return out
 
 
 def describe(key: str, res: dict) -> str:
@@ -131,15 +148,19 @@ def run_eval(job, phase, layout, log=print) -> dict:
         sd = features.load_state_dict(pdir.final_backbone)
         s = eval_settings(ev, job.data, ev.image_size or features.infer_arch(sd)["img_size"])
         log(f"[{phase.name}] {'+'.join(s['methods'])} of {key} ({tasks} tasks)")
+        # the yardsticks not cached yet are evaluated with the backbone (one pass over the images for a k-NN)
+        cached, todo = baselines.plan(sd, s, layout) if s["baselines"] else ({}, {})
         # the tasks read the weights themselves: no copy of a large backbone per task
-        res = evaluate(pdir.final_backbone, s, job.storage_options, tasks, map_fn, log, actors)
+        sources = {"": (pdir.final_backbone, s["methods"]), **{name: t[:2] for name, t in todo.items()}}
+        got = evaluate_many(sources, s, job.storage_options, tasks, map_fn, log, actors)
+        res = got.pop("")
         log(f"[{phase.name}] {describe(key, res)}")
         if s["baselines"]:
-            def run_methods(weights, methods):
-                return evaluate(weights, {**s, "methods": methods}, job.storage_options, tasks, map_fn, log, actors)
-            res["baselines"] = baselines.yardsticks(sd, run_methods, s, layout, log)
+            for name, (_, _, store) in todo.items():
+                store.write_json(got[name])
+            res["baselines"] = {name: {**cached, **got}[name] for name in baselines.KINDS if name in {**cached, **got}}
             for name, base in res["baselines"].items():
-                log(f"[{phase.name}]   yardstick {describe(name, base)}")
+                log(f"[{phase.name}]   yardstick {describe(name, base)}" + (" (cached)" if name in cached else ""))
         if "knn" in res:
             res["top1"] = res["knn"]["top1"]
         metrics[key] = {**res, "image_size": s["image_size"], "seconds": round(time.time() - t0, 2)}

@@ -50,8 +50,9 @@ class PhaseProgress:
     """`with PhaseProgress(layout.phase(key), steps, label): trainer.fit()` shows the phase's progress."""
 
     def __init__(self, phase: PhaseDir, steps: int, label: str, *, stream=None, verbose: bool = False,
-                 tty: bool | None = None, poll_s: float | None = None):
+                 tty: bool | None = None, poll_s: float | None = None, batch_size: int | None = None):
         self.phase, self.steps, self.label, self.verbose = phase, steps, label, verbose
+        self.batch_size = batch_size  # the global batch: images/s of the whole job (else rank 0's)
         self.stream = stream if stream is not None else sys.stdout
         self.tty = _is_tty(self.stream) if tty is None else tty
         self.poll_s = poll_s if poll_s is not None else (POLL_S if phase.root.is_local else REMOTE_POLL_S)
@@ -89,7 +90,7 @@ class PhaseProgress:
 
     def poll(self) -> dict:
         """Read the phase's files once and show what changed."""
-        p = progress.key_progress(self.phase, self.steps)
+        p = progress.key_progress(self.phase, self.steps, batch_size=self.batch_size)
         if self.verbose:
             self._echo_worker_logs()
         self.last = p

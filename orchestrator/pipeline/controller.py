@@ -44,7 +44,8 @@ def run_training(job, phase, layout: RunLayout, log, verbose: bool = False) -> d
     for key, arch in zip(phase_keys(phase), phase.students or [None]):
         log(f"[{phase.name}] training {key}" + (f" (student {arch})" if arch else ""))
         try:
-            with console.PhaseProgress(layout.phase(key), phase.steps, key, verbose=verbose):
+            with console.PhaseProgress(layout.phase(key), phase.steps, key, verbose=verbose,
+                                       batch_size=config.resolve(job, phase).optim.batch_size):
                 results[key] = driver.run_phase(job, phase.name, student_arch=arch)
         except Exception as exc:
             failed = console.worker_failure(exc, layout, key)
@@ -172,6 +173,8 @@ def _run_phases(job, layout: RunLayout, run_state: dict, log, verbose: bool) -> 
             continue
         entry.update(state="running", config_hash=config.phase_hash(job, phase), steps=phase.steps, error=None,
                      started=entry["started"] or time.time())
+        if phase.kind in config.TRAINING_KINDS:  # `dinoray status` turns step times into images/s with it
+            entry["batch_size"] = config.resolve(job, phase).optim.batch_size
         state.save(layout, run_state)
         series.phase_state(phase.name, phase.kind, "running")
         try:

@@ -46,8 +46,10 @@ def tail_records(store: Store, nbytes: int = TAIL_BYTES) -> list[dict]:
     return out
 
 
-def key_progress(phase: PhaseDir, steps: int, now: float | None = None) -> dict:
-    """Progress of one phase folder (a phase, or one distillation student) from its files."""
+def key_progress(phase: PhaseDir, steps: int, now: float | None = None, batch_size: int | None = None) -> dict:
+    """Progress of one phase folder (a phase, or one distillation student) from its files. images/s is
+    the whole job's, the global `batch_size` over the wall time per step (checkpoint stalls included);
+    without `batch_size` (a run started before pipeline.json recorded it), rank 0's own rate."""
     now = time.time() if now is None else now
     recs = [r for r in tail_records(phase.metrics) if isinstance(r.get("step"), int)]
     committed = phase.committed_steps()
@@ -65,6 +67,8 @@ def key_progress(phase: PhaseDir, steps: int, now: float | None = None) -> dict:
     step_s = _wall_per_step(window)
     if step_s is not None:
         out["eta_s"] = max(0, steps - last["step"]) * step_s
+        if batch_size:
+            out["images_per_s"] = batch_size / max(step_s, 1e-9)
     return out
 
 
@@ -95,7 +99,8 @@ def phase_folders(layout: RunLayout, entry: dict) -> list[str]:
 def phase_progress(layout: RunLayout, entry: dict, now: float | None = None) -> dict:
     """Live fields (LIVE_KEYS) of a running training phase, from the folder being trained now
     (distillation trains its students one after another), plus `folders`: per folder progress."""
-    folders = {key: key_progress(layout.phase(key), entry["steps"], now) for key in phase_folders(layout, entry)}
+    folders = {key: key_progress(layout.phase(key), entry["steps"], now, entry.get("batch_size"))
+               for key in phase_folders(layout, entry)}
     active = next((p for key, p in folders.items() if not layout.phase(key).final_done.exists()),
                   list(folders.values())[-1])
     return {**active, "folders": folders}
