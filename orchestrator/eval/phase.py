@@ -158,7 +158,8 @@ def run_eval(job, phase, layout, log=print) -> dict:
         if s["baselines"]:
             for name, (_, _, store) in todo.items():
                 store.write_json(got[name])
-            res["baselines"] = {name: {**cached, **got}[name] for name in baselines.KINDS if name in {**cached, **got}}
+            found = {**cached, **got}
+            res["baselines"] = {name: found[name] for name in baselines.KINDS if name in found}
             for name, base in res["baselines"].items():
                 log(f"[{phase.name}]   yardstick {describe(name, base)}" + (" (cached)" if name in cached else ""))
         if "knn" in res:
