@@ -197,23 +197,31 @@ EQUAL_STEPS = 20
 EQUAL_RTOL = 1e-5
 
 
-def _phase_in_process(rank, world, job):
-    """The real worker loop in a plain gloo group (no Ray), as driver.run_phase configures it."""
+def _phases_in_process(rank, world, jobs):
+    """The real worker loop in a plain gloo group (no Ray), as driver.run_phase configures it, for each
+    job in turn: one pair of processes for every backend (each spawn imports torch, Ray and DeepSpeed)."""
     from orchestrator.training import driver, worker
-    worker.worker_loop(driver.worker_config(job, job.phase("pretrain"), None))
+    for job in jobs:
+        worker.worker_loop(driver.worker_config(job, job.phase("pretrain"), None))
 
 
-def _fp32_run(root, backend, stage=3):
-    """20 steps of the real worker loop on 2 gloo ranks -> (loss per step, final model state)."""
-    job = tiny_job(backend, storage=root, name=f"fp32-{backend}-{stage}", seed=3, precision=FP32,
-                   deepspeed={"zero_stage": stage}, data={"train": "synthetic://64"}, model={"koleo_loss_weight": 0.0},
-                   optim={"batch_size": 8, "base_lr": 0.05, "warmup_iters": 3, "clip_grad": 0.5},
-                   checkpoint={"every_steps": 1000, "async_save": False},
-                   phases=[{"name": "pretrain", "kind": "pretrain", "steps": EQUAL_STEPS}])
-    spawn(_phase_in_process, 2, job)
-    phase = RunLayout.of(job).phase("pretrain")
-    curve = [json.loads(line)["loss"] for line in phase.metrics.read_bytes().decode().splitlines()]
-    return curve, checkpoint.load_consolidated(phase.final_model)
+def _fp32_runs(root, variants):
+    """20 steps of the real worker loop on 2 gloo ranks for each (backend, zero stage) ->
+    [(loss per step, final model state)]."""
+    jobs = [tiny_job(backend, storage=root, name=f"fp32-{backend}-{stage}", seed=3, precision=FP32,
+                     deepspeed={"zero_stage": stage}, data={"train": "synthetic://64"},
+                     model={"koleo_loss_weight": 0.0},
+                     optim={"batch_size": 8, "base_lr": 0.05, "warmup_iters": 3, "clip_grad": 0.5},
+                     checkpoint={"every_steps": 1000, "async_save": False},
+                     phases=[{"name": "pretrain", "kind": "pretrain", "steps": EQUAL_STEPS}])
+            for backend, stage in variants]
+    spawn(_phases_in_process, 2, jobs)
+    out = []
+    for job in jobs:
+        phase = RunLayout.of(job).phase("pretrain")
+        curve = [json.loads(line)["loss"] for line in phase.metrics.read_bytes().decode().splitlines()]
+        out.append((curve, checkpoint.load_consolidated(phase.final_model)))
+    return out
 
 
 def _tower_rel_diff(weights: dict, ref: dict, tower: str) -> float:
@@ -239,10 +247,10 @@ def test_fp32_backends_give_equal_curves_and_weights(tmp_path):
     well as noise. A sharding bug is orders of magnitude above 1e-5: before the fix in
     DeepSpeedBackend.sync_teacher_, ZeRO-3's persistent (small) teacher parameters ran one EMA step
     late, a 2.6e-4 loss difference here."""
-    ref_curve, ref_weights = _fp32_run(str(tmp_path), "ddp")
+    variants = [("ddp", 3), ("fsdp2", 3), ("deepspeed", 2), ("deepspeed", 3)]
+    (ref_curve, ref_weights), *others = _fp32_runs(str(tmp_path), variants)
     assert len(ref_curve) == EQUAL_STEPS and ref_curve[-1] < ref_curve[0]
-    for backend, stage in (("fsdp2", 3), ("deepspeed", 2), ("deepspeed", 3)):
-        curve, weights = _fp32_run(str(tmp_path), backend, stage)
+    for (backend, stage), (curve, weights) in zip(variants[1:], others):
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(curve, ref_curve))
         assert weights.keys() == ref_weights.keys(), (backend, stage)
         towers = {t: _tower_rel_diff(weights, ref_weights, t) for t in ("student.", "teacher.")}
