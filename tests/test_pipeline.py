@@ -103,11 +103,13 @@ def stop_cluster(ray_tmp: str) -> None:
             if not children:
                 return pids
             pids |= children
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # a short grace: Ray's raylet, GCS and agents outlive SIGTERM by more than 30 s here, and this
+    # cluster and its temporary folder are thrown away
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 30)):
         for pid in ours():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.time() + 30
+        deadline = time.time() + grace_s
         while ours() and time.time() < deadline:
             time.sleep(1)
 
