@@ -13,7 +13,7 @@ import pytest
 from orchestrator.layout import RunLayout
 from orchestrator.storage import Store
 from orchestrator.training import elastic
-from test_backends import FP32, _phase_in_process, spawn, tiny_job
+from test_backends import FP32, _phases_in_process, spawn, tiny_job
 
 ACCUM_STEPS = 20
 
@@ -26,7 +26,7 @@ def _accum_run(root: str, world: int):
                    optim={"batch_size": 8, "base_lr": 0.05, "warmup_iters": 3, "clip_grad": 0.0},
                    checkpoint={"every_steps": 1000, "async_save": False}, debug={"trace_samples": True},
                    phases=[{"name": "pretrain", "kind": "pretrain", "steps": ACCUM_STEPS}])
-    spawn(_phase_in_process, world, job)
+    spawn(_phases_in_process, world, [job])
     phase = RunLayout.of(job).phase("pretrain")
     recs = phase.metrics.read_jsonl()
     images: dict[int, list] = {}
