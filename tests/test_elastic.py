@@ -92,6 +92,38 @@ def test_auto_checkpoint_interval_follows_young_daly():
     assert fixed.due(25) and not fixed.due(24) and fixed.due(60)
 
 
+
+def _skewed_clock_run(rank, world, jobs):
+    """_phases_in_process with rank 1's clock running 1.5x fast: it measures 1.5x longer steps and
+    stalls, so on its own it would pick a Young-Daly interval about 18% shorter than rank 0's."""
+    import time
+    if rank == 1:
+        real = time.perf_counter
+        time.perf_counter = lambda: real() * 1.5
+    _phases_in_process(rank, world, jobs)
+
+
+@pytest.mark.slow
+def test_auto_interval_is_agreed_by_every_rank(tmp_path):
+    """checkpoint.every_steps auto on 2 ranks that measure different times: both take the largest
+    stall and step time, so they pick the same interval and save at the same steps (a rank saving
+    alone would meet the other rank's training collectives)."""
+    job = tiny_job("fsdp2", storage=str(tmp_path), name="auto", precision=FP32, data={"train": "synthetic://64"},
+                   checkpoint={"every_steps": "auto", "keep_last": 100, "async_save": False},
+                   failure={"mtbf_hours": 0.002},   # a few steps between checkpoints at this model's speed
+                   phases=[{"name": "pretrain", "kind": "pretrain", "steps": 40}])
+    spawn(_skewed_clock_run, 2, [job])
+    phase = RunLayout.of(job).phase("pretrain")
+    chosen = [[line for line in phase.worker_log(rank).read_bytes().decode().splitlines()
+               if "checkpoint.every_steps auto" in line] for rank in (0, 1)]
+    print("\n" + "\n".join(f"rank {r}: {lines[-1]}" for r, lines in enumerate(chosen)))
+    every = [[int(line.split("-> every ")[1].split()[0]) for line in lines] for lines in chosen]
+    assert every[0] and every[0] == every[1], chosen
+    steps = sorted(phase.committed_steps())
+    assert steps[0] == elastic.AUTO_FIRST_STEPS and steps[-1] == 40 and len(steps) >= 3, steps
+    assert [r["step"] for r in phase.metrics.read_jsonl()] == list(range(1, 41))
+
+
 def _committed(phase, step):
     phase.committed(phase.checkpoint(step)).write_json({"step": step})
 

@@ -150,14 +150,22 @@ class Interval:
     def due(self, step: int) -> bool:
         return step - self.last >= self.every or step == self.steps
 
-    def observe(self, step: int, step_s: float, stall_s: float | None) -> None:
-        """After each step: its time, and the stall of a checkpoint taken at it (None: none taken)."""
+    def observe(self, step: int, step_s: float, stall_s: float | None, agree=None) -> None:
+        """After each step: its time, and the stall of a checkpoint taken at it (None: none taken).
+        `agree(stall_s, step_s) -> (stall_s, step_s)`: the values every rank uses (the worker's takes
+        the largest over the ranks). Each rank measures its own times, and a rank whose interval came
+        out one step different would save alone: the save's collectives would then meet another rank's
+        step. Called at every checkpoint step of an auto interval, so on every rank at the same steps."""
         self._step_s.append(step_s)
         if stall_s is None:
             return
         self.last = step
-        if self.auto and stall_s > 0:
-            work = sorted(self._step_s)[len(self._step_s) // 2]  # median: a checkpoint step is slower
+        if not self.auto:
+            return
+        work = sorted(self._step_s)[len(self._step_s) // 2]  # median: a checkpoint step is slower
+        if agree is not None:
+            stall_s, work = agree(stall_s, work)
+        if stall_s > 0:
             self.every = interval.young_daly_steps(stall_s, work, self.mtbf, max_steps=self.steps)
             self.log(f"checkpoint.every_steps auto: stall {stall_s:.3g} s, step {work:.3g} s, MTBF "
                      f"{self.mtbf:g} h -> every {self.every} steps ({self.every * work:.0f} s)")

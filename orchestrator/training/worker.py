@@ -312,7 +312,7 @@ def checkpoint_and_log(worker: Worker, result: StepResult, losses: dict, t0: flo
     if committed:
         rec["ckpt_save_s"] = rec.get("ckpt_save_s") or worker.checkpoints.last_async_s
         rec["last_ckpt_unixtime"] = time.time()
-    worker.interval.observe(step, rec["step_s"], stall)
+    worker.interval.observe(step, rec["step_s"], stall, agree=lambda *xs: _largest_over_ranks(worker, xs))
     if worker.interval.seconds():
         rec["ckpt_interval_s"] = worker.interval.seconds()
     rec["images_per_s"] = worker.resolved.optim.batch_size / worker.world / max(rec["step_s"], 1e-9)  # this rank's
@@ -320,6 +320,15 @@ def checkpoint_and_log(worker: Worker, result: StepResult, losses: dict, t0: flo
     worker.metrics.record(step, rec)
     if committed:
         records.upload(worker)
+
+
+def _largest_over_ranks(worker: Worker, values) -> list[float]:
+    """Each value's maximum over the ranks (a collective: every rank calls it at the same step)."""
+    if worker.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=worker.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _extras(worker: Worker) -> dict:
