@@ -199,7 +199,7 @@ EQUAL_RTOL = 1e-5
 
 def _phases_in_process(rank, world, jobs):
     """The real worker loop in a plain gloo group (no Ray), as driver.run_phase configures it, for each
-    job in turn: one pair of processes for every backend (each spawn imports torch, Ray and DeepSpeed)."""
+    job in turn: one spawn, whose imports (torch, Ray, DeepSpeed) cost more than a short run, serves all."""
     from orchestrator.training import driver, worker
     for job in jobs:
         worker.worker_loop(driver.worker_config(job, job.phase("pretrain"), None))

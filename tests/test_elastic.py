@@ -92,7 +92,6 @@ def test_auto_checkpoint_interval_follows_young_daly():
     assert fixed.due(25) and not fixed.due(24) and fixed.due(60)
 
 
-
 def _skewed_clock_run(rank, world, jobs):
     """_phases_in_process with rank 1's clock running 1.5x fast: it measures 1.5x longer steps and
     stalls, so on its own it would pick a Young-Daly interval about 18% shorter than rank 0's."""
