@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import model as dmodel
+from orchestrator.data import augment
 from orchestrator.data import index as shard_index
 from orchestrator.data import samples
 from orchestrator.layout import PhaseDir
@@ -138,15 +139,18 @@ def split_work(items: list[tuple[str, int]], parts: int) -> list[list[tuple[str,
 
 
 def to_tensor(data: bytes, size: int) -> torch.Tensor:
-    """uint8 [3, size, size]: short side resized to size*256/224 (or to size when smaller), centre crop."""
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    if im.size != (size, size):  # the reference eval transform: resize the short side, centre-crop
-        short = size if min(im.size) <= size else int(round(size * 256 / 224))
-        w, h = im.size
-        im = im.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+    """uint8 [3, size, size]: short side resized to size*256/224 (or to size when smaller), centre crop.
+    JPEGs decode with libjpeg-turbo (augment.decode: the same pixels as PIL's decoder, 8x faster on CIFAR)."""
+    rgb = augment.decode(data)
+    if rgb.shape[:2] == (size, size):
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    im = Image.fromarray(rgb)  # the reference eval transform: resize the short side, centre-crop
+    short = size if min(im.size) <= size else int(round(size * 256 / 224))
+    w, h = im.size
+    im = im.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
