@@ -47,6 +47,7 @@ def test_unknown_key_suggests_the_right_one():
     ("checkpoint.every_steps=aut", "checkpoint.every_steps: expected an integer, got 'aut' or 'aut' is not one of "
                                    "['auto']; did you mean 'auto'?"),
     ("failure.mtbf_hours=0", "failure.mtbf_hours: must be > 0"),
+    ("failure.health_check_s=-1", "failure.health_check_s: must be >= 0 seconds"),
     ("phases.highres.from_phase=pretrian", "depends on 'pretrian', which is not a phase of this job; did you mean 'pretrain'?"),
     ("phases.pretrain.from_phase=eval", "depends on 'eval', which comes later"),
     ("storage=''", "storage: missing storage root"),

@@ -57,6 +57,9 @@ def _check_job(job: JobSpec) -> None:
     if not job.failure.mtbf_hours > 0:
         fail(src, "failure.mtbf_hours", f"must be > 0 (expected hours between interruptions), got "
              f"{job.failure.mtbf_hours}")
+    if job.failure.health_check_s < 0:
+        fail(src, "failure.health_check_s", f"must be >= 0 seconds (0: chosen from the workers), got "
+             f"{job.failure.health_check_s}")
 
 
 def _check_order(job: JobSpec, i: int, phase: PhaseSpec, seen: dict[str, int]) -> None:
