@@ -1,6 +1,7 @@
 """Multi-crop throughput: the dinov2 reference pipeline vs ours, side by side, on the same JPEGs.
 
     .venv/bin/python bench/data.py [--seconds 15] [--batch-size 32] [--n-photos 64] [--torchvision] [--json]
+    .venv/bin/python bench/data.py --read-only        # the read path alone: tar members, JPEG decode
 
 Two image sets: CIFAR-10 test images (32x32 JPEGs from ../shared/data/cifar10/test.tar) and generated
 photo-sized JPEGs (~500x375, smooth gradients + shapes + noise, quality 90). Paper crops: 2 x 224 +
@@ -253,6 +254,36 @@ def compare(name, datas, seconds, batch_size, seed=0, torchvision=False):
     return out
 
 
+def read_path(tar_path: str, rounds: int = 3) -> dict:
+    """The eval/curation read path on one tar of JPEGs, in rounds alternating baseline and ours:
+    members through tarfile's stream mode vs samples._tar_members, decode through PIL vs augment.decode
+    (libjpeg-turbo). Median seconds per 10,000 images and the ratios."""
+    from orchestrator.data import augment, samples
+
+    def tarfile_members(f):
+        with tarfile.open(fileobj=f, mode="r|*") as tf:
+            return [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
+
+    def read(fn):
+        with open(tar_path, "rb") as f:
+            return [data for name, data in fn(f) if name.endswith(".jpg")]
+
+    jpegs = read(tarfile_members)
+    jobs = {"read tarfile": lambda: read(tarfile_members), "read ours": lambda: read(samples._tar_members),
+            "decode PIL": lambda: [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs],
+            "decode ours": lambda: [augment.decode(d) for d in jpegs]}
+    times = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 10_000 / len(jpegs))
+    out = {name: round(float(np.median(ts)), 3) for name, ts in times.items()}
+    out.update(images=len(jpegs), read_ratio=round(out["read tarfile"] / out["read ours"], 2),
+               decode_ratio=round(out["decode PIL"] / out["decode ours"], 2))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=15.0, help="per pipeline per image set")
@@ -261,8 +292,15 @@ def main(argv=None) -> int:
     p.add_argument("--cifar", default=str(CIFAR), help="tar of CIFAR-10 JPEGs")
     p.add_argument("--torchvision", action="store_true", help="also run real torchvision transforms")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--read-only", action="store_true", help="only the read path: tar members and JPEG decode")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per-core numbers
+    read = read_path(args.cifar)
+    print(f"read path, {read['images']} CIFAR-10 JPEGs, s per 10,000: tar members tarfile {read['read tarfile']} | "
+          f"ours {read['read ours']} | ratio {read['read_ratio']}x; decode PIL {read['decode PIL']} | ours "
+          f"{read['decode ours']} | ratio {read['decode_ratio']}x")
+    if args.read_only:
+        return 0
     results = [compare("cifar10-32px", cifar_jpegs(512, args.cifar), args.seconds, args.batch_size,
                        torchvision=args.torchvision),
                compare("photos-500x375", photo_jpegs(args.n_photos), args.seconds, args.batch_size,
