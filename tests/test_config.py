@@ -41,6 +41,8 @@ def test_unknown_key_suggests_the_right_one():
     ("crops.global_size=33", "crops.global_size: 33 is not a multiple of model.patch_size=4; use 32"),
     ("phases.highres.crops.global_size=50", "phases[1].crops.global_size: 50 is not a multiple"),
     ("optim.batch_size=63", "optim.batch_size: 63 images cannot be split evenly over 2 workers (num_workers: 2)"),
+    ("num_workers=[2,300]", "optim.batch_size: 64 images cannot be split evenly over 2, 3, 4, 5, 6, 7, ... 300 "
+     "(299 counts) workers (num_workers: [2, 300]); use a batch_size that every allowed worker count splits or"),
     ("num_workers=[3,4]", "optim.batch_size: 64 images cannot be split evenly over 3 workers (num_workers: [3, 4]);"
                           " use a batch_size that every allowed worker count splits, e.g. 60"),
     ("num_workers=[2,1]", "num_workers: must be >= 1, or [min, max] with 1 <= min <= max"),
@@ -75,6 +77,13 @@ def test_elastic_worker_range_keeps_the_global_batch():
     assert all(48 % (w * a) == 0 and 48 // (w * a) <= 48 // 4 for w, a in plan.items())
     with pytest.raises(config.ConfigError, match="num_workers: an elastic range \\[1, 2\\] needs backend fsdp2 or ddp"):
         load(["num_workers=[1,2]", "backend=deepspeed"])
+
+
+def test_ray_train_poll_interval_follows_the_largest_worker_count():
+    from orchestrator.training.driver import health_check_s
+    got = {w: health_check_s(load([f"num_workers={w}", "optim.batch_size=1200"])) for w in (2, 40, 120, 600)}
+    assert got == {2: 0.2, 40: 0.4, 120: 1.2, 600: 2.0}           # Ray's own 2 s from 200 workers on
+    assert health_check_s(load(["failure.health_check_s=0.5"])) == 0.5
 
 
 def test_overrides_and_phase_resolution():

@@ -132,10 +132,12 @@ def _check_optim(rp: ResolvedPhase, where: str) -> None:
         step = math.lcm(*(w * -(-high // w) for w in range(low, high + 1)))  # splits at every count
         fix = max(step, round(optim.batch_size / step) * step)
         workers = list(job.workers_range) if job.elastic else high
+        counts = ", ".join(map(str, bad[:6])) + (f", ... {bad[-1]} ({len(bad)} counts)" if len(bad) > 6 else "")
+        example = f", e.g. {fix}," if fix <= 1000 * optim.batch_size else ""  # a wide range's multiple is absurd
         fail(src, _key(phase, where, "optim", "batch_size"),
-             f"{optim.batch_size} images cannot be split evenly over {', '.join(map(str, bad))} workers "
-             f"(num_workers: {workers}); use a batch_size that every allowed worker count splits, e.g. {fix}, "
-             f"or a num_workers range whose counts divide {optim.batch_size}")
+             f"{optim.batch_size} images cannot be split evenly over {counts} workers (num_workers: {workers}); "
+             f"use a batch_size that every allowed worker count splits{example} or a num_workers range whose "
+             f"counts divide {optim.batch_size}")
     if phase.kind not in TRAINING_KINDS:
         return
     for key in ("warmup_iters", "teacher_temp_warmup_iters", "freeze_last_layer_iters"):
