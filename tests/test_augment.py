@@ -106,6 +106,26 @@ def test_photometric_probabilities():
     assert len(np.unique(lc["perm"])) == 24 and lc["h"].min() >= -0.1 and lc["h"].max() <= 0.1
 
 
+def test_batched_jitter_applies_each_crops_own_op_order():
+    """apply_photometric runs the jitter ops position by position over the crops that share an op there;
+    every crop must still get exactly its own order, as if it were jittered alone."""
+    mc = _multicrop(solarize_p=0.0)
+    rng = np.random.default_rng(3)
+    n = 96
+    p = mc.sample_photometric(rng, n, "local")
+    p["gray"][:], p["blur"][:] = False, False  # jitter only: the op order is what is under test
+    assert len(np.unique(p["perm"][p["jitter"]])) >= 20
+    crops = torch.from_numpy(rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8))
+    out = A.apply_photometric(crops, p)
+    for i in range(n):
+        x = crops[i:i + 1].permute(1, 0, 2, 3).float()
+        if p["jitter"][i]:
+            for op in A.PERMS[p["perm"][i]]:
+                x = A._OPS[op](x, torch.tensor([float(p["bcsh"[op]][i])]))
+        alone = x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3)
+        assert torch.equal(out[i:i + 1], alone), i
+
+
 def _run_ours(mc, datas, seed):
     rng = np.random.default_rng(seed)
     res = [mc.crop_image(d, rng) for d in datas]

@@ -22,7 +22,9 @@ def test_single_block_shape_within_spec():
         r0, r1, c0, c1 = _bbox(m)
         assert (r1 - r0) * (c1 - c0) == n  # one filled rectangle
         aspects.append((r1 - r0) / (c1 - c0))
-    assert min(aspects) >= 0.25 and max(aspects) <= 4.0  # 0.3..3.3 before rounding to whole patches
+    # 0.3..3.3 before rounding to whole patches; rounding sqrt(area * aspect) and sqrt(area / aspect) can
+    # stretch a small block up to 5 x 1 (area 7.4, aspect 3.3 -> h = round(4.96), w = round(1.50))
+    assert min(aspects) >= 0.2 and max(aspects) <= 5.0
     assert min(aspects) < 1 < max(aspects)
 
 
