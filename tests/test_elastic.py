@@ -18,10 +18,11 @@ from test_backends import FP32, _phases_in_process, spawn, tiny_job
 ACCUM_STEPS = 20
 
 
-def _accum_run(root: str, world: int):
-    """20 steps of the real worker loop at `world` workers of an elastic [1, 2] job -> (loss and grad
-    norm per step, {step: images of the step})."""
+def _accum_run(root: str, world: int, **model):
+    """20 steps of the real worker loop at `world` workers of an elastic [1, 2] job (`model`: ModelCfg
+    overrides) -> (loss and grad norm per step, {step: images of the step})."""
     job = tiny_job("fsdp2", storage=root, name=f"accum-{world}", seed=3, precision=FP32, num_workers=[1, 2],
+                   model=model,
                    data={"train": "synthetic://64"},
                    optim={"batch_size": 8, "base_lr": 0.05, "warmup_iters": 3, "clip_grad": 0.0},
                    checkpoint={"every_steps": 1000, "async_save": False}, debug={"trace_samples": True},
@@ -39,26 +40,29 @@ def _accum_run(root: str, world: int):
 @pytest.mark.slow
 def test_fixed_global_batch_one_worker_accumulating_equals_two_workers(tmp_path):
     """1 worker x 2 micro-batches and 2 workers x 1 read the same 8 images at every step (the batch's
-    two loader streams do not depend on the worker count) and train the same model.
+    two loader streams do not depend on the worker count) and train the same model: equal losses and
+    gradient norms at every one of 20 steps, up to fp32 summation order.
 
-    Tolerance, from the per-micro-batch terms (docs/scale.md has the table): the DINO and iBOT terms
-    are per-image means, equal for one batch of 8 and two micro-batches of 4, and KoLeo sees the same
-    4-image sets either way, but Sinkhorn-Knopp normalises the teacher over the images of one forward
-    on all ranks (8 images at 2 x 1, twice 4 at 1 x 2). At step 0 (equal weights, equal images) that
-    alone moves the loss by a measured 0.18%; over 20 steps the curves stay within 0.42%. The bound is
-    1%. Gradient clipping is off and the gradient norm is compared too (measured within 3.1%, bound
-    5%): AdamW is blind to a constant gradient factor, so a wrong accumulation scale would show only
-    there, as a factor of 2."""
-    loss1, norm1, images1 = _accum_run(str(tmp_path), 1)
-    loss2, norm2, images2 = _accum_run(str(tmp_path), 2)
+    Every term is then a per-image mean over a micro-batch or a per-micro-batch term over the same 4
+    images (docs/scale.md has the table), once the teacher is centred without looking across images:
+    softmax centring with a fixed centre (center_momentum 1: the centre stays 0). Sinkhorn-Knopp, the
+    default, normalises over the images of one forward on all ranks (8 at 2 x 1, twice 4 at 1 x 2), a
+    designed difference that this tiny fast-learning model amplifies chaotically (measured: 0.04% at
+    step 0, a 3.5x gradient-norm spike at step 13), so it is left out. What remains is exact: measured
+    loss differences 0 and gradient norms within 1.0e-7 relative; the bound, 1e-6, is fp32 summation
+    order over 20 steps. Clipping is off, so a wrong accumulation scale (a factor of 2, to which AdamW
+    itself is blind), a micro-batch or a rank missing from the gradient, or a stream read twice fails."""
+    fixed_centre = {"centering": "softmax", "center_momentum": 1.0}
+    loss1, norm1, images1 = _accum_run(str(tmp_path), 1, **fixed_centre)
+    loss2, norm2, images2 = _accum_run(str(tmp_path), 2, **fixed_centre)
     assert len(loss1) == len(loss2) == ACCUM_STEPS and loss2[-1] < loss2[0]
     assert images1.keys() == images2.keys() == set(range(ACCUM_STEPS))
     assert all(sorted(images1[s]) == sorted(images2[s]) and len(images1[s]) == 8 for s in images1)
     loss_rel = [abs(a - b) / abs(b) for a, b in zip(loss1, loss2)]
     norm_rel = [abs(a - b) / abs(b) for a, b in zip(norm1, norm2)]
-    print(f"\n1x2 vs 2x1: loss step 0 {loss_rel[0]:.2e}, max {max(loss_rel):.2e}; grad norm max {max(norm_rel):.2e}")
-    assert 0 < loss_rel[0] < 0.01 and max(loss_rel) < 0.01, (loss1, loss2)
-    assert max(norm_rel) < 0.05, (norm1, norm2)
+    print(f"\n1x2 vs 2x1: loss max rel diff {max(loss_rel):.2e}; grad norm max rel diff {max(norm_rel):.2e}")
+    assert max(loss_rel) < 1e-6, (loss1, loss2)
+    assert max(norm_rel) < 1e-6, (norm1, norm2)
 
 
 def test_restarts_are_counted_by_reason(tmp_path):
