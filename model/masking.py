@@ -1,8 +1,8 @@
 """iBOT block masking (as in BEiT / DINOv2), driven by an explicit torch.Generator.
 
 Each call takes one 63-bit seed from the torch.Generator and draws every scalar of its block search from a
-`random.Random` seeded with it, on numpy grids: a batch of 128 masks costs ~3 ms instead of ~30 ms of
-one-scalar torch.rand calls (bench/data.py). Same generator state in, same masks out.
+`random.Random` seeded with it, on numpy grids: 128 masks on an 8 x 8 grid take 4-6 ms on one core, against
+37-43 ms with one torch.rand call per scalar. Same generator state in, same masks out.
 """
 
 from __future__ import annotations
