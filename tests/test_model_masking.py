@@ -23,7 +23,8 @@ def test_single_block_shape_within_spec():
         assert (r1 - r0) * (c1 - c0) == n  # one filled rectangle
         aspects.append((r1 - r0) / (c1 - c0))
     # 0.3..3.3 before rounding to whole patches; rounding sqrt(area * aspect) and sqrt(area / aspect) can
-    # stretch a small block up to 5 x 1 (area 7.4, aspect 3.3 -> h = round(4.96), w = round(1.50))
+    # stretch a small block to 5 x 1 (area 7.4, aspect 3.3: h = round(4.94) = 5, w = round(1.497) = 1),
+    # not further (h = 6 needs area > 9.1 at aspect 3.3, w = 1 needs area < 7.5)
     assert min(aspects) >= 0.2 and max(aspects) <= 5.0
     assert min(aspects) < 1 < max(aspects)
 
