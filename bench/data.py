@@ -300,18 +300,15 @@ def main(argv=None) -> int:
         print(f"read path, {read['images']} CIFAR-10 JPEGs, s per 10,000: tar members tarfile "
               f"{read['read tarfile']} | ours {read['read ours']} | ratio {read['read_ratio']}x; decode PIL "
               f"{read['decode PIL']} | ours {read['decode ours']} | ratio {read['decode_ratio']}x")
-    if args.read_only:
-        if args.json:
-            print(json.dumps([{"read_path": read}]))
-        return 0
-    results = [{"read_path": read}, compare("cifar10-32px", cifar_jpegs(512, args.cifar), args.seconds, args.batch_size,
-                       torchvision=args.torchvision),
-               compare("photos-500x375", photo_jpegs(args.n_photos), args.seconds, args.batch_size,
-                       torchvision=args.torchvision)]
+    results = [] if args.read_only else [
+        compare("cifar10-32px", cifar_jpegs(512, args.cifar), args.seconds, args.batch_size,
+                torchvision=args.torchvision),
+        compare("photos-500x375", photo_jpegs(args.n_photos), args.seconds, args.batch_size,
+                torchvision=args.torchvision)]
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps([{"read_path": read}, *results]))
         return 0
-    for r in results[1:]:
+    for r in results:
         tv = (f" | torchvision {r['torchvision_images_per_s']:6.1f} (ratio {r['ratio_vs_torchvision']:.2f}x)"
               if "torchvision_images_per_s" in r else "")
         print(f"{r['images']:>16}: reference {r['reference_images_per_s']:6.1f} img/s/core | ours "
