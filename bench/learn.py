@@ -14,7 +14,8 @@ What it does, in one process (no Ray, so no per-phase start-up cost):
   3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
      --set) on the train shards without labels: the worker loop of orchestrator/training/worker.py
      (schedules -> loss -> backward -> clip -> AdamW -> EMA), on one rank with the global batch, for
-     --minutes of training, with the schedules fitted to that budget from the measured step time;
+     --minutes of training, with the schedules fitted to that budget from the measured step time
+     (after --fit-after steps, then again at each k-NN point from the steps since the last fit);
   4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and
      prints the curve: step, images seen, training seconds (k-NN time excluded), k-NN top-1.
 
@@ -127,6 +128,7 @@ def run(meta, evaluated, job, r, data, args, t_wall, label, fixed: bool) -> list
     print(f"{0:>6} {0:>8} {0.0:>8.0f} {time.perf_counter() - t_wall:>7.0f} {'':>6} {'':>7}  {pct(acc)}", flush=True)
     curve = [(0, 0.0, acc)]
     it, step, train_s, losses = iter(loader), 0, 0.0, []
+    fit_at = None  # (step, train_s) of the last fit of the schedules to the budget
     while step < steps:
         t_step = time.perf_counter()
         try:
@@ -151,8 +153,19 @@ def run(meta, evaluated, job, r, data, args, t_wall, label, fixed: bool) -> list
             per_step = (train_s - warm_s) / (step - 5)
             steps = max(step + 1, o.warmup_iters + 1, step + int((budget - train_s) / per_step))
             sched = setup.step_schedules(o, steps)
+            fit_at = (step, train_s)
             print(f"[{label}] {per_step:.3f} s/step over steps 6-{step}: the schedules now span "
                   f"{steps} steps ({steps * o.batch_size / loader.total:.1f} epochs)", flush=True)
+        elif fit_at and marks and train_s >= marks[0] and not train_s >= budget:
+            # Refit at each k-NN mark from the steps since the last fit: the step time drifts (the first
+            # steps ran 10-30% slower than later ones), and a schedule fitted once ended 12 min early.
+            per_step = (train_s - fit_at[1]) / (step - fit_at[0])
+            refit = max(step + 1, step + int((budget - train_s) / per_step))
+            if abs(refit - steps) > 0.01 * steps:
+                print(f"[{label}] {per_step:.3f} s/step over steps {fit_at[0] + 1}-{step}: the schedules now "
+                      f"span {refit} steps (were {steps})", flush=True)
+                steps, sched = refit, setup.step_schedules(o, refit)
+            fit_at = (step, train_s)
         over = train_s >= budget
         line = (f"{step:>6} {step * o.batch_size:>8} {train_s:>8.0f} {time.perf_counter() - t_wall:>7.0f} "
                 f"{step * o.batch_size / train_s:>6.0f} {np.mean(losses[-20:]):>7.3f}  ")
