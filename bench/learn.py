@@ -156,11 +156,11 @@ def run(meta, evaluated, job, r, data, args, t_wall, label, fixed: bool) -> list
             fit_at = (step, train_s)
             print(f"[{label}] {per_step:.3f} s/step over steps 6-{step}: the schedules now span "
                   f"{steps} steps ({steps * o.batch_size / loader.total:.1f} epochs)", flush=True)
-        elif fit_at and marks and train_s >= marks[0] and not train_s >= budget:
-            # Refit at each k-NN mark from the steps since the last fit: the step time drifts (the first
-            # steps ran 10-30% slower than later ones), and a schedule fitted once ended 12 min early.
+        elif fit_at and marks and train_s >= marks[0] and train_s < budget:
+            # Refit at each k-NN mark from the steps since the last fit: the step time drifts here (0.47-0.77
+            # s/step within one hour), and a schedule fitted once ended the fourth round's hour 12 min early.
             per_step = (train_s - fit_at[1]) / (step - fit_at[0])
-            refit = max(step + 1, step + int((budget - train_s) / per_step))
+            refit = max(step + 1, o.warmup_iters + 1, step + int((budget - train_s) / per_step))
             if abs(refit - steps) > 0.01 * steps:
                 print(f"[{label}] {per_step:.3f} s/step over steps {fit_at[0] + 1}-{step}: the schedules now "
                       f"span {refit} steps (were {steps})", flush=True)
