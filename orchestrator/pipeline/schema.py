@@ -90,8 +90,7 @@ class DataCfg:
 
 @dataclass
 class CheckpointCfg:
-    every_steps: Union[int, Literal["auto"]] = 1000  # steps between checkpoints; "auto": Young-Daly from the
-                                     # measured stall and failure.mtbf_hours (orchestrator/training/interval.py)
+    every_steps: Union[int, Literal["auto"]] = 1000  # steps between checkpoints; "auto": Young-Daly (training/interval.py)
     keep_last: int = 3               # committed checkpoints kept
     async_save: bool = True          # DCP async save: training stalls only for staging
 
@@ -106,7 +105,8 @@ class PrecisionCfg:
 @dataclass
 class FsdpCfg:
     activation_checkpointing: bool = False  # per block: trades compute for activation memory
-    compile: bool = False                   # torch.compile per block
+    compile: bool = False                   # torch.compile per block (student's and teacher's; deepspeed: student's)
+    cudagraphs: bool = False                # with compile + ddp: blocks replay as CUDA graphs (GPU; docs/training.md)
 
 
 @dataclass

@@ -46,6 +46,18 @@ def _check_job(job: JobSpec) -> None:
     if job.elastic and job.backend == "deepspeed":
         fail(src, "num_workers", f"an elastic range {list(job.workers_range)} needs backend fsdp2 or ddp: DeepSpeed "
              f"checkpoints load only at the world size that wrote them; use a fixed num_workers or backend: fsdp2")
+    if job.fsdp.cudagraphs:
+        why = None
+        if not job.fsdp.compile:
+            why = "needs fsdp.compile: true (the graphs are the compiled blocks')"
+        elif job.backend != "ddp":
+            why = (f"needs backend ddp: {job.backend} gathers each block's parameters into new memory every "
+                   "step, which a replayed CUDA graph cannot follow; set backend: ddp or fsdp.cudagraphs: false")
+        elif job.elastic:
+            why = ("needs a fixed num_workers: a shrunk elastic world accumulates micro-batches, and the graphs "
+                   "reuse the memory that holds the first micro-batch's gradients")
+        if why:
+            fail(src, "fsdp.cudagraphs", why)
     for key in job.storage_options:
         if any(word in key.lower() for word in _FORBIDDEN_KEYS):
             fail(src, f"storage_options.{key}", "credentials must not be in job files; "
