@@ -1,6 +1,6 @@
 """One-GPU throughput of dinoray's own training step (bench/gpu.sh runs it; needs a CUDA torch).
 
-    python3 bench/gpu.py                                   # every variant on ViT-L/14, then ViT-g/14
+    python3 bench/gpu.py                                   # the default rows on ViT-L/14, then ViT-g/14
     python3 bench/gpu.py --archs vit_large --variants fsdp2,fsdp2+compile --profile fsdp2
 
 Each row builds the step a job runs (orchestrator/training/backends.py: zero_grad, forward, backward,
@@ -41,14 +41,13 @@ BASES = {
     # the recipes' backend: FSDP2 with bf16 compute parameters, fp32 gradient reduction
     "fsdp2": ["backend=fsdp2"],
 }
+# OPTION -> job overrides; "b64" is 64 images per GPU instead of the recipes' 32
 OPTIONS = {
-    "compile": "the student's blocks torch.compile'd (job key fsdp.compile)",
-    "teacher": "with compile: the teacher's blocks compiled too",
-    "cudagraphs": "student and teacher blocks compiled with mode='reduce-overhead' (CUDA graphs)",
-    "packed": "each block's token-wise ops on all crops at once (packed_forward below)",
-    "b64": "64 images per GPU instead of the recipes' 32",
+    "compile": ["fsdp.compile=true"],  # student's and teacher's blocks torch.compile'd
+    "cudagraphs": ["fsdp.compile=true", "fsdp.cudagraphs=true"],  # ...replayed as CUDA graphs (ddp only)
+    "b64": [],
 }
-DEFAULT_VARIANTS = "autocast,autocast+b64,autocast+cudagraphs,fsdp2,fsdp2+b64,fsdp2+compile"
+DEFAULT_VARIANTS = "autocast,autocast+cudagraphs,fsdp2,autocast+b64+cudagraphs"
 
 
 def parse_variant(variant: str) -> tuple[str, set[str]]:
@@ -107,49 +106,6 @@ def make_batches(dev, job, B, n=2):
     return out
 
 
-def packed_forward(self, x):
-    """Block.forward for a list of crops (one tensor per resolution) with every token-wise op run once
-    on all crops' tokens packed together (norms, qkv, projection, MLP, LayerScale): half the kernel
-    launches of the per-resolution loop, at the price of a copy in and out. Attention stays per
-    resolution. Stochastic depth as Block._residual (GPU path): per resolution, the kept samples."""
-    if not isinstance(x, (list, tuple)):
-        return self._forward_one(x)
-    import torch.nn.functional as F
-
-    def attn(t, shapes):
-        a = self.attn
-        qkv, outs = a.qkv(self.norm1(t)), []
-        for q, (b, n) in zip(qkv.split([b * n for b, n in shapes]), shapes):
-            q, k, v = q.view(b, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, -1))
-        return self.ls1(a.proj(torch.cat(outs)))
-
-    def ffn(t, shapes):
-        return self.ls2(self.mlp(self.norm2(t)))
-
-    xs = list(x)
-    for branch in (attn, ffn):
-        subs, idxs = [], []
-        for t in xs:
-            B_ = t.shape[0]
-            if self.training and self.drop_path > 0.0:
-                keep = max(int(B_ * (1.0 - self.drop_path)), 1)
-                idx = torch.randperm(B_, device=t.device)[:keep]
-                subs.append(t[idx])
-                idxs.append(idx)
-            else:
-                subs.append(t)
-                idxs.append(None)
-        shapes = [(s.shape[0], s.shape[1]) for s in subs]
-        out = branch(torch.cat([s.reshape(-1, s.shape[-1]) for s in subs]), shapes)
-        new = []
-        for t, o, idx, (b, n) in zip(xs, out.split([b * n for b, n in shapes]), idxs, shapes):
-            o = o.view(b, n, -1)
-            new.append(t + o if idx is None else torch.index_add(t, 0, idx, (o * (t.shape[0] / b)).to(t.dtype)))
-        xs = new
-    return xs
-
-
 def sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -160,7 +116,7 @@ def build(arch: str, variant: str, depth: int | None, dev, B: int):
     from orchestrator.training import backends, setup
     base, opts = parse_variant(variant)
     sets = ["num_workers=1", f"optim.batch_size={B}", "storage=/tmp/dinoray-gpu-bench"] + BASES[base]
-    sets += ["fsdp.compile=true"] if "compile" in opts else []
+    sets += [s for o in sorted(opts) for s in OPTIONS[o]]
     sets += CPU_CHECK_SETS if dev.type == "cpu" else []
     job = config.load_job(JOBS[arch], sets)
     r = config.resolve(job, "pretrain")
@@ -171,22 +127,13 @@ def build(arch: str, variant: str, depth: int | None, dev, B: int):
         bb = tower["backbone"]
         bb.blocks = bb.blocks[:depth]
         bb.n_blocks = depth
-    if "teacher" in opts:  # the product compiles the student's blocks only
-        for blk in meta.teacher["backbone"].blocks:
-            blk.compile()
-    if "cudagraphs" in opts:
-        for tower in (meta.student, meta.teacher):
-            for blk in tower["backbone"].blocks:
-                blk.compile(mode="reduce-overhead")
     b = backends.build(meta, job, dev, r.optim)
     for gr in b.optimizer.param_groups:
         gr["lr"], gr["weight_decay"] = 1e-4, 0.04
     return job, r, b, depth, full
 
 
-def one_step(b, batch, cudagraphs=False):
-    if cudagraphs:  # a new step: the graphs' previous outputs may be overwritten
-        torch.compiler.cudagraph_mark_step_begin()
+def one_step(b, batch):
     b.zero_grad()
     loss, _ = b.forward(batch, teacher_temp=0.07)
     b.backward(loss)
@@ -196,18 +143,8 @@ def one_step(b, batch, cudagraphs=False):
 
 
 def run(arch, variant, dev, peak, depth=None, steps=10, warmup=4, profile=False, out_dir=None):
-    from model.vit import Block
-    plain = Block.forward
-    Block.forward = packed_forward if "packed" in parse_variant(variant)[1] else plain
-    try:
-        _run(arch, variant, dev, peak, depth, steps, 1 if dev.type == "cpu" else warmup, profile, out_dir)
-    finally:
-        Block.forward = plain
-
-
-def _run(arch, variant, dev, peak, depth, steps, warmup, profile, out_dir):
-    opts = parse_variant(variant)[1]
-    B, cg = 64 if "b64" in opts else 32, "cudagraphs" in opts  # 32 images per GPU: both recipes
+    warmup = 1 if dev.type == "cpu" else warmup
+    B = 64 if "b64" in parse_variant(variant)[1] else 32  # 32 images per GPU: both recipes
     job, r, b, depth, full = build(arch, variant, depth, dev, B)
     data = make_batches(dev, job, B)
     cuda = dev.type == "cuda"
@@ -218,7 +155,7 @@ def _run(arch, variant, dev, peak, depth, steps, warmup, profile, out_dir):
         if i == warmup:
             sync(dev)
             first, t = time.perf_counter() - t0, time.perf_counter()
-        loss = one_step(b, data[i % 2], cg)
+        loss = one_step(b, data[i % 2])
     sync(dev)
     dt = (time.perf_counter() - t) / steps
     model, done = step_flops(r.model.arch, depth, r.model.drop_path_rate, B)
@@ -231,7 +168,7 @@ def _run(arch, variant, dev, peak, depth, steps, warmup, profile, out_dir):
         from torch.profiler import ProfilerActivity, profile as prof
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             for i in range(3):
-                one_step(b, data[i % 2], cg)
+                one_step(b, data[i % 2])
             sync(dev)
         ka = p.key_averages()
         table = ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
@@ -253,9 +190,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="vit_large,vit_giant2", help="comma-separated: vit_large, vit_giant2")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma-separated BASE[+OPTION...]; bases {list(BASES)}; options: "
-                        + "; ".join(f"{k}: {v}" for k, v in OPTIONS.items()))
-    p.add_argument("--giant-variant", default="autocast", help="the variant ViT-g runs (one; it is slow to build)")
+                   help=f"comma-separated BASE[+OPTION...], bases {list(BASES)}, options {list(OPTIONS)}")
+    p.add_argument("--giant-variant", default="autocast+cudagraphs", help="the variant ViT-g runs (one; it is slow to build)")
     p.add_argument("--profile", default="", help="comma-separated variants to profile after timing (ViT-L only)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the profile tables")
