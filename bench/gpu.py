@@ -60,7 +60,7 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
 
 G, L, NL = 224, 98, 8  # paper crops
 # --cpu-check: the same code on a pico model on CPU (gloo), to catch a broken script before device time
-CPU_CHECK_SETS = ["model.arch=" + os.environ.get("GPU_BENCH_CPU_ARCH", "vit_pico"), "model.head_n_prototypes=256", "model.ibot_n_prototypes=256",
+CPU_CHECK_SETS = ["model.arch=vit_pico", "model.head_n_prototypes=256", "model.ibot_n_prototypes=256",
                   "model.head_bottleneck_dim=64", "precision.autocast=fp32", "precision.param_dtype=fp32",
                   "model.drop_path_rate=0.0"]  # on CPU, stochastic depth takes another path (model/drop_path.py)
 
@@ -191,12 +191,13 @@ def main(argv=None):
     p.add_argument("--archs", default="vit_large,vit_giant2", help="comma-separated: vit_large, vit_giant2")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated BASE[+OPTION...], bases {list(BASES)}, options {list(OPTIONS)}")
-    p.add_argument("--giant-variant", default="autocast+cudagraphs", help="the variant ViT-g runs (one; it is slow to build)")
+    p.add_argument("--giant-variant", default="autocast+cudagraphs",
+                   help="the variant ViT-g runs (one: it is slow to build)")
     p.add_argument("--profile", default="", help="comma-separated variants to profile after timing (ViT-L only)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the profile tables")
     p.add_argument("--cpu-check", action="store_true",
-                   help="run the same code on CPU with a pico model (2 steps per row): checks the script, times nothing")
+                   help="the same code on CPU with a pico model (2 steps a row): checks the script, times nothing")
     args = p.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
