@@ -9,7 +9,10 @@
 4. the same at >= 1 GB (vit_base, 8192-prototype DINO + iBOT heads, fp32: 1.52 GiB of student, teacher
    and AdamW state), fsdp2 on 2 gloo ranks without Ray, on local disk and on a SeaweedFS S3 server:
    raw write of the checkpoint's own bytes, sync save, async stall (save call + the next optimiser
-   step's wait for the staging copy), interleaved --big-reps times, medians.
+   step's wait for the staging copy), interleaved --big-reps times, medians;
+5. fsdp2's fsdp.reshard_after_forward true (default) against false (the student's units keep their
+   gathered parameters from forward to backward): all-gathers per step and step time, vit_tiny on 2
+   gloo ranks without Ray, interleaved --reshard-reps times, medians.
 Prints a table and writes summary.json under --out.
 """
 from __future__ import annotations
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="/tmp/dinoray-bench-train")
     ap.add_argument("--big", default="local,s3", help="storages of the >= 1 GB rows: local, s3 (comma list, '' = none)")
     ap.add_argument("--big-reps", type=int, default=3, help="interleaved raw/sync/async repetitions per big row")
-    ap.add_argument("--skip-small", action="store_true", help="only the >= 1 GB rows (no Ray)")
+    ap.add_argument("--skip-small", action="store_true", help="only the >= 1 GB and reshard rows (no Ray)")
+    ap.add_argument("--reshard-reps", type=int, default=3, help="interleaved runs per reshard row (0: none)")
     args = ap.parse_args(argv)
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
@@ -267,9 +271,40 @@ def main(argv=None) -> int:
         out["big"][where] = big_state(root, args.big_reps)
         if where == "local":
             shutil.rmtree(root, ignore_errors=True)
+    if args.reshard_reps:
+        out["reshard"] = reshard(args.out, args.reshard_reps)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(out, f, indent=1)
     return 0
+
+
+def _reshard_rank(rank, world, root, raf, steps=8):
+    """One rank of fsdp2 at fsdp.reshard_after_forward=raf: (all-gathers in one step, s per step)."""
+    from torch.profiler import ProfilerActivity, profile
+    j = job(root, f"reshard-{raf}", "fsdp2", arch="vit_tiny")
+    j.fsdp.reshard_after_forward = raf
+    t = _Trainer(j)
+    t.step()
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        t.step()
+    gathers = sum(1 for e in p.events() if e.name.startswith("FSDP::all_gather ("))
+    return gathers, _timed(lambda: [t.step() for _ in range(steps)])[0] / steps
+
+
+def reshard(root, reps) -> dict:
+    """Section 5: the student's all-gathers per step, and the step time, with and without resharding."""
+    rows = {True: [], False: []}
+    for _ in range(reps):
+        for raf in (True, False):
+            rows[raf].append(_spawn(_reshard_rank, 2, root, raf))
+    out = {str(raf).lower(): {"gathers_per_step": r[0][0], "step_s": statistics.median(x[1] for x in r)}
+           for raf, r in rows.items()}
+    ratio = out["true"]["step_s"] / out["false"]["step_s"]
+    for raf, r in out.items():
+        print(f"[reshard] reshard_after_forward {raf:5s}: {r['gathers_per_step']:3d} all-gathers/step  "
+              f"step {r['step_s'] * 1e3:7.1f} ms", flush=True)
+    print(f"[reshard] false is {ratio:.2f}x the speed of true (vit_tiny, 2 gloo ranks, {reps} interleaved runs)")
+    return {**out, "speedup": ratio}
 
 
 def small(args) -> dict:

@@ -233,11 +233,11 @@ def _tower_rel_diff(weights: dict, ref: dict, tower: str) -> float:
 
 
 def test_fp32_backends_give_equal_curves_and_weights(tmp_path):
-    """In fp32 (autocast off, fp32 parameters and reductions) DDP, FSDP2 and DeepSpeed ZeRO-2 and
-    ZeRO-3 compute the same 2-rank training: 20 steps of the real worker loop (schedules, clipping
-    active at clip_grad 0.5, AdamW, EMA teacher; vit_pico, separate DINO and iBOT heads, iBOT masks,
-    Sinkhorn-Knopp) give loss curves and final weights (student and teacher towers, ||diff|| / ||DDP||)
-    equal to DDP's within 1e-5 relative.
+    """In fp32 (autocast off, fp32 parameters and reductions) DDP, FSDP2 (also with
+    fsdp.reshard_after_forward false) and DeepSpeed ZeRO-2 and ZeRO-3 compute the same 2-rank
+    training: 20 steps of the real worker loop (schedules, clipping active at clip_grad 0.5, AdamW, EMA
+    teacher; vit_pico, separate DINO and iBOT heads, iBOT masks, Sinkhorn-Knopp) give loss curves and
+    final weights (student and teacher towers, ||diff|| / ||DDP||) equal to DDP's within 1e-5 relative.
 
     Why not 0: the sharded backends sum in a different order where they must (the global gradient
     norm over shards; DeepSpeed's clip factor, written 1 / ((norm + 1e-6) / clip); AdamW on flat
@@ -248,14 +248,16 @@ def test_fp32_backends_give_equal_curves_and_weights(tmp_path):
     well as noise. A sharding bug is orders of magnitude above 1e-5: before the fix in
     DeepSpeedBackend.sync_teacher_, ZeRO-3's persistent (small) teacher parameters ran one EMA step
     late, a 2.6e-4 loss difference here."""
-    variants = [("ddp", 3), ("fsdp2", 3), ("deepspeed", 2), ("deepspeed", 3)]
-    (ref_curve, ref_weights), *others = _fp32_runs(str(tmp_path), variants)
+    variants = [("ddp", 3), ("fsdp2", 3), ("fsdp2", 3), ("deepspeed", 2), ("deepspeed", 3)]
+    # the second fsdp2 run keeps the student's gathered parameters from forward to backward
+    fsdp = [{}, {}, {"reshard_after_forward": False}, {}, {}]
+    (ref_curve, ref_weights), *others = _fp32_runs(str(tmp_path), variants, fsdp)
     assert len(ref_curve) == EQUAL_STEPS and ref_curve[-1] < ref_curve[0]
-    for (backend, stage), (curve, weights) in zip(variants[1:], others):
+    for (backend, stage), over, (curve, weights) in zip(variants[1:], fsdp[1:], others):
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(curve, ref_curve))
         assert weights.keys() == ref_weights.keys(), (backend, stage)
         towers = {t: _tower_rel_diff(weights, ref_weights, t) for t in ("student.", "teacher.")}
-        print(f"\n{backend} stage {stage}: loss max rel diff {loss_rel:.1e}; weights rel diff "
+        print(f"\n{backend} stage {stage} {over or ''}: loss max rel diff {loss_rel:.1e}; weights rel diff "
               + ", ".join(f"{t} {v:.1e}" for t, v in towers.items()))
         assert len(curve) == EQUAL_STEPS and loss_rel <= EQUAL_RTOL, (backend, stage, curve, ref_curve)
         assert all(v <= EQUAL_RTOL for v in towers.values()), (backend, stage, towers)
@@ -281,7 +283,7 @@ def test_compiled_blocks_train_like_eager(tmp_path):
         assert not any("_orig_mod" in k for k in weights), name  # compiled blocks export dinov2 names
 
 
-def test_cudagraphs_needs_ddp_compile_and_a_fixed_world():
+def test_cudagraphs_and_reshard_keys_are_refused_where_they_cannot_work():
     for over, words in (({"compile": False}, "fsdp.compile: true"), ({"backend": "fsdp2"}, "backend ddp"),
                         ({"num_workers": [1, 2]}, "fixed num_workers")):
         fsdp = {"compile": over.pop("compile", True), "cudagraphs": True}
@@ -289,3 +291,5 @@ def test_cudagraphs_needs_ddp_compile_and_a_fixed_world():
             tiny_job(over.pop("backend", "ddp"), fsdp=fsdp, **over)
         assert words in str(err.value)
     assert tiny_job("ddp", fsdp={"compile": True, "cudagraphs": True}).fsdp.cudagraphs
+    with pytest.raises(config.ConfigError, match="fsdp.reshard_after_forward: applies to backend fsdp2 only"):
+        tiny_job("ddp", fsdp={"reshard_after_forward": False})

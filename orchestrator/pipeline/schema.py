@@ -107,6 +107,7 @@ class FsdpCfg:
     activation_checkpointing: bool = False  # per block: trades compute for activation memory
     compile: bool = False                   # torch.compile per block (student's and teacher's; deepspeed: student's)
     cudagraphs: bool = False                # with compile + ddp: blocks replay as CUDA graphs (GPU; docs/training.md)
+    reshard_after_forward: bool = True      # fsdp2, false: the student's units keep gathered weights to backward
 
 
 @dataclass
@@ -122,8 +123,7 @@ class FailureCfg:
     mtbf_hours: float = 24.0         # expected hours between interruptions of the whole job (every_steps: auto)
     nonfinite_max_consecutive: int = 3  # non-finite steps in a row before a rollback
     max_rollbacks: int = 3           # rollbacks to the last checkpoint before the phase fails
-    health_check_s: float = 0.0      # Ray Train's worker polls (Ray: 2 s, waited at each start-up stage and at the
-                                     # end); 0: max workers / 100 in [0.2, 2] (training/driver.py)
+    health_check_s: float = 0.0      # Ray Train's worker poll (Ray: 2 s); 0: max workers / 100 in [0.2, 2] (driver.py)
 
 
 @dataclass

@@ -58,6 +58,8 @@ def _check_job(job: JobSpec) -> None:
                    "reuse the memory that holds the first micro-batch's gradients")
         if why:
             fail(src, "fsdp.cudagraphs", why)
+    if not job.fsdp.reshard_after_forward and job.backend != "fsdp2":
+        fail(src, "fsdp.reshard_after_forward", f"applies to backend fsdp2 only (this job: {job.backend}); drop it")
     for key in job.storage_options:
         if any(word in key.lower() for word in _FORBIDDEN_KEYS):
             fail(src, f"storage_options.{key}", "credentials must not be in job files; "

@@ -178,10 +178,13 @@ class FSDP2Backend(Backend):
         # module tree; (4) the optimiser is built last, over the sharded (DTensor) parameters.
         _per_block(meta, job.fsdp)
         for name, tower in _towers(meta).items():
+            # fsdp.reshard_after_forward false: the student's units keep their gathered parameters from
+            # forward to backward (one all-gather per unit and step, not two); frozen towers always reshard
+            raf = job.fsdp.reshard_after_forward or name != "student"
             for mod in _backbones_and_heads(tower):
                 for blk in getattr(mod, "blocks", []):
-                    fully_shard(blk, mesh=mesh, mp_policy=mp)           # (3a) one unit per block
-                fully_shard(mod, mesh=mesh, mp_policy=mp)               # (3b) per head / rest of backbone
+                    fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=raf)  # (3a) per block
+                fully_shard(mod, mesh=mesh, mp_policy=mp, reshard_after_forward=raf)      # (3b) head / rest
                 for method in ("forward_features", "forward_features_list"):
                     if hasattr(mod, method):
                         register_fsdp_forward_method(mod, method)
