@@ -45,6 +45,7 @@ BASES = {
 OPTIONS = {
     "compile": ["fsdp.compile=true"],  # student's and teacher's blocks torch.compile'd
     "cudagraphs": ["fsdp.compile=true", "fsdp.cudagraphs=true"],  # ...replayed as CUDA graphs (ddp only)
+    "noreshard": ["fsdp.reshard_after_forward=false"],  # fsdp2: the student's gathered params kept fwd -> bwd
     "b64": [],
 }
 DEFAULT_VARIANTS = "autocast,autocast+cudagraphs,fsdp2,autocast+b64+cudagraphs"

@@ -38,16 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import SSLMetaArch, flops_per_image, ssl_flops_per_image  # noqa: E402
+from model import SSLMetaArch, flops_per_image, native_bf16, ssl_flops_per_image  # noqa: E402
 from model.masking import collate_masks  # noqa: E402
 from model.schedules import param_groups  # noqa: E402
-
-
-def native_bf16(device: str) -> bool:
-    if device.startswith("cuda"):
-        return True
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" in cap and ("BF16" in cap or "AMX" in cap)
 
 
 def make_batch(B, n_local, gsize, lsize, patch, device, seed=0):

@@ -12,7 +12,7 @@ _EXPORTS = {
     "LOSS_PARTS": "losses", "MaskGenerator": "masking", "collate_masks": "masking",
     "DEFAULT_CFG": "ssl", "SSLMetaArch": "ssl", "normalize_images": "ssl",
     "ARCHS": "vit", "HUB_MODELS": "vit", "DinoVisionTransformer": "vit", "build_backbone": "vit",
-    "build_hub_backbone": "vit", "flops_per_image": "vit", "ssl_flops_per_image": "vit",
+    "build_hub_backbone": "vit", "flops_per_image": "vit", "native_bf16": "vit", "ssl_flops_per_image": "vit",
 }
 _SUBMODULES = ("distill", "drop_path", "ema", "heads", "losses", "masking", "recipes", "schedules", "ssl", "vit")
 

@@ -114,20 +114,51 @@ def update_center_(center: Tensor, teacher_logits: Tensor, momentum: float, proc
     center.mul_(momentum).add_(s / n.clamp(min=1.0), alpha=1.0 - momentum)
 
 
+class _SoftCrossEntropy(torch.autograd.Function):
+    """-sum(t * log_softmax(s / T)) per row as lse(x) * sum(t) - <t, x> with x = s / T in float32
+    (float64 stays float64).
+
+    The [N, K] logits (K = 65,536 prototypes) are the largest activations of a step; log_softmax,
+    the product with t and their three backward ops each pass over them (and a bf16 input adds a
+    cast each way). Here the forward keeps one float32 copy x and reduces it to [N] vectors; the
+    backward forms (softmax(x) * sum(t) - t) / T in place in one new tensor."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temp: float) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 from bf16 (fp64 stays, for gradcheck)
+        x = logits.to(dtype)
+        x = x.div_(temp) if x is not logits else x / temp
+        t = targets.to(dtype)
+        lse, t_sum = torch.logsumexp(x, dim=-1), t.sum(dim=-1)
+        ctx.save_for_backward(x, t, lse, t_sum)
+        ctx.temp, ctx.dtype = temp, logits.dtype
+        return lse * t_sum - torch.linalg.vecdot(t, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, t, lse, t_sum = ctx.saved_tensors
+        scale = (grad.to(x.dtype) / ctx.temp).unsqueeze(-1)
+        g = torch.sub(x, lse.unsqueeze(-1)).exp_().mul_(t_sum.unsqueeze(-1) * scale)
+        g.addcmul_(t, scale, value=-1.0)
+        return g.to(ctx.dtype), None, None
+
+
 def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
-    """Per-row cross entropy -sum(t * log_softmax(s / T)) -> [N]."""
-    lsm = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -(teacher_probs.float() * lsm).sum(dim=-1)
+    """Per-row cross entropy -sum(t * log_softmax(s / T)) -> [N] (float32; no gradient to t)."""
+    return _SoftCrossEntropy.apply(student_logits, teacher_probs.detach(), student_temp)
 
 
 def dino_loss(student_chunks: list[Tensor], teacher_chunks: list[Tensor], student_temp: float = 0.1) -> Tensor:
-    """Sum over every (student chunk, teacher chunk) pair of the mean cross entropy."""
-    total = student_chunks[0].new_zeros((), dtype=torch.float32) if student_chunks else torch.zeros(())
-    for s in student_chunks:
-        lsm = F.log_softmax(s.float() / student_temp, dim=-1)
-        for t in teacher_chunks:
-            total = total - (t.float() * lsm).sum(dim=-1).mean()
-    return total
+    """Sum over every (student chunk, teacher chunk) pair of the mean cross entropy.
+
+    Cross entropy is linear in the target, so each student chunk meets the sum of the teacher chunks
+    once (one pass over its logits, not one per teacher chunk)."""
+    if not student_chunks or not teacher_chunks:
+        return student_chunks[0].new_zeros((), dtype=torch.float32) if student_chunks else torch.zeros(())
+    t_sum = teacher_chunks[0].float()
+    for t in teacher_chunks[1:]:
+        t_sum = t_sum + t.float()
+    return sum(cross_entropy(t_sum, s, student_temp).mean() for s in student_chunks)
 
 
 def multicrop_dino_loss(student_logits: Tensor, teacher_probs: Tensor, n_global: int, n_local: int,

@@ -1,6 +1,6 @@
 """DINOv2 Vision Transformer backbone (state-dict compatible with the released DINOv2 models).
 
-Pure PyTorch. Attention uses `F.scaled_dot_product_attention`. Key names and shapes follow the
+Pure PyTorch. Attention uses `F.scaled_dot_product_attention` (explicit matmuls on CPU in bf16). Key names and shapes follow the
 released checkpoints (see ../shared/reference/dinov2_hub_state_dicts.json), so
 `load_state_dict(strict=True)` works in both directions.
 """
@@ -75,7 +75,13 @@ class Attention(nn.Module):
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass,
         # where three selects would each zero-fill a full qkv-sized gradient and add into it
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # CPU in bf16/fp16 (autocast on AMX): two batched matmuls and a softmax, as the reference's
+            # Attention. SDPA's CPU flash kernel is 2-4x slower there (bench/model.py --dtype bf16; its
+            # softmax rounds to the same bf16 output); fp32 and accelerators keep the fused kernel.
+            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -326,6 +332,15 @@ def build_hub_backbone(name: str, device: torch.device | str | None = None) -> D
     if name not in HUB_MODELS:
         raise ValueError(f"unknown released model {name!r}; choose one of {sorted(HUB_MODELS)}")
     return build_backbone(img_size=518, patch_size=14, device=device, **HUB_MODELS[name])
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run natively on `device` (CUDA; CPUs with AMX or AVX512-BF16), so that bf16
+    autocast is faster than fp32. On other CPUs bf16 is emulated: 6-10x slower than fp32 on AVX2."""
+    if torch.device(device).type == "cuda":
+        return True
+    return torch.device(device).type == "cpu" and (torch.cpu._is_amx_tile_supported()
+                                                   or torch.cpu._is_avx512_bf16_supported())
 
 
 def flops_per_image(arch: str, img_size: int = 224, patch_size: int = 14, num_register_tokens: int = 0,

@@ -168,3 +168,20 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m.forward_features(torch.randn(2, 3, 16, 16))
     assert out["x_prenorm"].dtype == torch.float32
+
+
+def test_cpu_bf16_attention_matches_fused_kernel():
+    """On CPU in bf16 the attention is two matmuls and a softmax (the fused kernel is slower there);
+    outputs and gradients stay within bf16 rounding of SDPA in float32."""
+    torch.manual_seed(0)
+    attn = build_backbone("vit_pico", img_size=16, patch_size=4).blocks[0].attn
+    x = torch.randn(3, 17, attn.qkv.in_features)
+    ref_in, bf_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = attn(ref_in)  # float32: F.scaled_dot_product_attention
+    (ref_g,) = torch.autograd.grad(ref.square().sum(), ref_in)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(bf_in)
+    (g,) = torch.autograd.grad(out.float().square().sum(), bf_in)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert (g - ref_g).abs().max() <= 3e-2 * ref_g.abs().max()

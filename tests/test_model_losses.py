@@ -95,10 +95,36 @@ def test_softmax_centering_and_center_update():
 
 
 def test_dino_loss_is_mean_cross_entropy_over_pairs():
-    s1, s2, t = _logits(4, 6, 1), _logits(4, 6, 2), F.softmax(_logits(4, 6, 3), -1)
-    got = L.dino_loss([s1, s2], [t], student_temp=0.1)
-    want = sum(-(t * F.log_softmax(s / 0.1, -1)).sum(-1).mean() for s in (s1, s2))
-    assert torch.allclose(got, want)
+    s1, s2 = _logits(4, 6, 1).requires_grad_(), _logits(4, 6, 2).requires_grad_()
+    t1, t2 = F.softmax(_logits(4, 6, 3), -1), F.softmax(_logits(4, 6, 4), -1)
+    got = L.dino_loss([s1, s2], [t1, t2], student_temp=0.1)  # computed with t1 + t2 summed, once per s
+    want = sum(-(t * F.log_softmax(s / 0.1, -1)).sum(-1).mean() for s in (s1, s2) for t in (t1, t2))
+    assert torch.allclose(got, want, rtol=1e-6)
+    g_got, g_want = torch.autograd.grad(got, [s1, s2]), torch.autograd.grad(want, [s1, s2])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_got, g_want))
+
+
+def test_soft_cross_entropy_equals_log_softmax_form():
+    """The fused cross entropy (one float32 copy of the logits; softmax formed in backward) against
+    -sum(t * log_softmax(s / T)) in float64: values, gradients, gradcheck; bf16 logits get a float32
+    loss and a bf16 gradient, no gradient reaches the targets."""
+    s64 = _logits(5, 40, 1).double().requires_grad_()
+    t64 = F.softmax(_logits(5, 40, 2), -1).double() * torch.tensor([[1.0], [2.0], [0.5], [1.0], [0.0]]).double()
+    assert torch.autograd.gradcheck(lambda s: L.cross_entropy(t64, s, 0.1), (s64,))
+    s, t = _logits(37, 1000, 3, scale=3.0).requires_grad_(), F.softmax(_logits(37, 1000, 4), -1)
+    w = torch.rand(37, generator=torch.Generator().manual_seed(5))
+    want = -(t.double() * F.log_softmax(s.double() / 0.07, -1)).sum(-1)
+    (g_want,) = torch.autograd.grad((want * w.double()).sum(), s)
+    got = L.cross_entropy(t, s, 0.07)
+    (g_got,) = torch.autograd.grad((got * w).sum(), s)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=1e-5)
+    assert torch.allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
+    sb = s.detach().bfloat16().requires_grad_()
+    tq = t.clone().requires_grad_()
+    got = L.cross_entropy(tq, sb, 0.07)
+    got.sum().backward()
+    assert got.dtype == torch.float32 and sb.grad.dtype == torch.bfloat16 and tq.grad is None
+    assert torch.allclose(got.double(), want, rtol=2e-2)
 
 
 def test_ibot_weighting_hand_computed():

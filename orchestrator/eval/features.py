@@ -179,8 +179,7 @@ def make_embedder(weights, kind: str, storage_options: dict | None = None):
     sd = weights if isinstance(weights, dict) else load_state_dict(weights, storage_options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = backbone_from_state_dict(sd).to(device)
-    # bf16 where matmuls are fast in it (GPUs, AVX-512/AMX CPUs); on AVX2-only CPUs it is several times slower.
-    fast_bf16 = device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
+    fast_bf16 = dmodel.native_bf16(device)  # bf16 where its matmuls are native, fp32 where emulated (slower)
 
     @torch.no_grad()
     def embed(imgs: torch.Tensor) -> torch.Tensor:
