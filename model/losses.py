@@ -115,13 +115,14 @@ def update_center_(center: Tensor, teacher_logits: Tensor, momentum: float, proc
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """-sum(t * log_softmax(s / T)) per row as lse(x) * sum(t) - <t, x> with x = s / T in float32
-    (float64 stays float64).
+    """-sum(t * log_softmax(s / T)) per row, in float32 (float64 stays float64), as one autograd node.
 
-    The [N, K] logits (K = 65,536 prototypes) are the largest activations of a step; log_softmax,
-    the product with t and their three backward ops each pass over them (and a bf16 input adds a
-    cast each way). Here the forward keeps one float32 copy x and reduces it to [N] vectors; the
-    backward forms (softmax(x) * sum(t) - t) / T in place in one new tensor."""
+    The [N, K] logits (K = 65,536 prototypes) are the largest activations of a step. Autograd's
+    chain (cast, divide, log_softmax, multiply by t, sum) passes over them five times forward and
+    four backward; here the division is in place on the float32 copy, <t, lsm> is one reduction, and
+    the backward forms (softmax * sum(t) - t) / T in place in one new tensor. bench/model.py's
+    iBOT logits, [619, 65,536] bf16 on 2 CPU threads: 534 -> 380-404 ms forward + backward; on an
+    H200 ([2,400, 131,072]) 7.07 -> 7.17 ms (equal)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, temp: float) -> Tensor:
@@ -129,16 +130,18 @@ class _SoftCrossEntropy(torch.autograd.Function):
         x = logits.to(dtype)
         x = x.div_(temp) if x is not logits else x / temp
         t = targets.to(dtype)
-        lse, t_sum = torch.logsumexp(x, dim=-1), t.sum(dim=-1)
-        ctx.save_for_backward(x, t, lse, t_sum)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run vecdot in bf16
+            lsm = torch.log_softmax(x, dim=-1)
+            loss = -torch.linalg.vecdot(t, lsm)
+        ctx.save_for_backward(lsm, t)
         ctx.temp, ctx.dtype = temp, logits.dtype
-        return lse * t_sum - torch.linalg.vecdot(t, x)
+        return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, t, lse, t_sum = ctx.saved_tensors
-        scale = (grad.to(x.dtype) / ctx.temp).unsqueeze(-1)
-        g = torch.sub(x, lse.unsqueeze(-1)).exp_().mul_(t_sum.unsqueeze(-1) * scale)
+        lsm, t = ctx.saved_tensors
+        scale = (grad.to(lsm.dtype) / ctx.temp).unsqueeze(-1)
+        g = torch.exp(lsm).mul_(t.sum(dim=-1, keepdim=True) * scale)
         g.addcmul_(t, scale, value=-1.0)
         return g.to(ctx.dtype), None, None
 

@@ -125,6 +125,9 @@ def test_soft_cross_entropy_equals_log_softmax_form():
     got.sum().backward()
     assert got.dtype == torch.float32 and sb.grad.dtype == torch.bfloat16 and tq.grad is None
     assert torch.allclose(got.double(), want, rtol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss stays float32 under autocast
+        under = L.cross_entropy(t, s, 0.07)
+    assert under.dtype == torch.float32 and torch.allclose(under.double(), want, rtol=1e-5)
 
 
 def test_ibot_weighting_hand_computed():
