@@ -13,8 +13,9 @@ What it does, in one process (no Ray, so no per-phase start-up cost):
      randomly initialised backbone of the trained arch without LayerScale;
   3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
      --set) on the train shards without labels: the worker loop of orchestrator/training/worker.py
-     (schedules -> loss -> backward -> clip -> AdamW -> EMA), on one rank with the global batch, for
-     --minutes of training, with the schedules fitted to that budget from the measured step time
+     (schedules -> loss under the job's autocast -> backward -> clip -> AdamW -> EMA), on one rank
+     with the global batch, for --minutes of training, with the schedules fitted to that budget from
+     the measured step time
      (after --fit-after steps, then again at each k-NN point from the steps since the last fit);
   4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and
      prints the curve: step, images seen, training seconds (k-NN time excluded), k-NN top-1.
@@ -41,6 +42,7 @@ from model.schedules import apply_schedules, param_groups  # noqa: E402
 from orchestrator.pipeline import config  # noqa: E402
 from orchestrator.eval import features, knn as evaluate  # noqa: E402
 from orchestrator.training import setup  # noqa: E402
+from orchestrator.training.backends import autocast_dtype  # noqa: E402
 from orchestrator.data.loader import MultiCropLoader  # noqa: E402
 
 # The 60-minute recipe on top of the smoke job (whose values and reasons are in jobs/smoke_cpu.yaml):
@@ -115,11 +117,12 @@ def run(meta, evaluated, job, r, data, args, t_wall, label, fixed: bool) -> list
     opt = torch.optim.AdamW(param_groups(meta.student, layer_decay=o.layer_decay,
                                          patch_embed_lr_mult=o.patch_embed_lr_mult), lr=0.0, betas=o.adamw_betas)
     sched = setup.step_schedules(o, steps)
+    compute = autocast_dtype(job.precision.autocast, torch.device("cpu"))  # as the workers' backend does
     loader = make_loader(job, r, json.loads(args.aug), args.loader_workers)
     budget = args.minutes * 60
     # k-NN points: evenly spaced in steps for a fixed length, else in training time
     marks = [(steps if fixed else budget) * (i + 1) / args.evals for i in range(args.evals)]
-    print(f"[{label}] batch {o.batch_size}, at most {budget / 60:g} min of training, "
+    print(f"[{label}] compute {compute}, batch {o.batch_size}, at most {budget / 60:g} min of training, "
           + (f"{steps} steps; k-NN at step 0 and steps {', '.join(f'{m:.0f}' for m in marks)}"
              if fixed else f"steps fitted to the budget after {args.fit_after}; k-NN at 0 and "
              f"{', '.join(f'{m / 60:g}' for m in marks)} min"), flush=True)
@@ -138,7 +141,8 @@ def run(meta, evaluated, job, r, data, args, t_wall, label, fixed: bool) -> list
             batch = next(it)
         vals = apply_schedules(opt, sched, step)
         opt.zero_grad(set_to_none=True)
-        loss, parts = meta(batch, teacher_temp=vals["teacher_temp"])
+        with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+            loss, parts = meta(batch, teacher_temp=vals["teacher_temp"])
         loss.backward()
         params = [p for p in meta.student.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, o.clip_grad)

@@ -173,7 +173,7 @@ def multicrop_dino_loss(student_logits: Tensor, teacher_probs: Tensor, n_global:
     student global crop is compared with the other global crops' targets, every local crop with all
     of them; both terms are divided by the total number of pairs, as in the reference."""
     n_rows = teacher_probs.shape[0]
-    s_glob, s_loc = student_logits[:n_rows], student_logits[n_rows:]
+    s_glob, s_loc = student_logits.split([n_rows, student_logits.shape[0] - n_rows])
     n_terms = n_global * (n_global - 1) + n_global * n_local
     s_chunks, t_chunks = s_glob.chunk(n_global), teacher_probs.chunk(n_global)
     dino_global = sum(dino_loss([s_chunks[i]], [t_chunks[j]], student_temp)

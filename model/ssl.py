@@ -101,7 +101,7 @@ def _heads_forward(mods: nn.ModuleDict, cls: Tensor, patches: Tensor) -> tuple[T
     if "ibot_head" in mods:
         return mods["dino_head"](cls), mods["ibot_head"](patches)
     out = mods["dino_head"](torch.cat([cls, patches]))
-    return out[:cls.shape[0]], out[cls.shape[0]:]
+    return out.split([cls.shape[0], patches.shape[0]])  # one cat backward, not two zero-filled slices
 
 
 class Centering(nn.Module):

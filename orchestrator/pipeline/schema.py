@@ -97,7 +97,7 @@ class CheckpointCfg:
 
 @dataclass
 class PrecisionCfg:
-    autocast: Literal["bf16", "fp16", "fp32"] = "bf16"  # compute dtype; fp32 on CPUs without AMX
+    autocast: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native (GPU, AMX), else fp32
     param_dtype: Literal["bf16", "fp32"] = "bf16"       # FSDP2 MixedPrecisionPolicy / DeepSpeed bf16
     reduce_dtype: Literal["bf16", "fp32"] = "fp32"      # gradient reduction dtype; [paper] fp32 reductions
 

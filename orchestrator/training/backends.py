@@ -23,7 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model import native_bf16
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """precision.autocast -> the compute dtype; "auto" is bf16 where its matmuls are native (GPUs, CPUs
+    with AMX or AVX512-BF16) and fp32 elsewhere (AVX2 CPUs emulate bf16, 6-10x slower than fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return DTYPES[name]
 # Sub-module trees of the meta-architectures (SSLMetaArch: student/teacher[/gram_teacher];
 # DistillMetaArch: student/student_ema/teacher). Only "student" is trained.
 TOWERS = ("student", "teacher", "student_ema", "gram_teacher")
@@ -67,9 +77,8 @@ class Backend:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
         self.model: nn.Module = meta
         self.optimizer = None
-        ac = job.precision.autocast
-        self._autocast = ac != "fp32"
-        self._ac_dtype = DTYPES[ac]
+        self._ac_dtype = autocast_dtype(job.precision.autocast, device)
+        self._autocast = self._ac_dtype != torch.float32
         self._cudagraphs = job.fsdp.compile and job.fsdp.cudagraphs
         if self._cudagraphs and accum != 1:  # validate.py refuses cudagraphs with an elastic range
             raise ValueError(f"{job.source}: fsdp.cudagraphs needs one micro-batch per step (accum {accum})")
