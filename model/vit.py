@@ -1,8 +1,9 @@
 """DINOv2 Vision Transformer backbone (state-dict compatible with the released DINOv2 models).
 
-Pure PyTorch. Attention uses `F.scaled_dot_product_attention` (explicit matmuls on CPU in bf16). Key names and shapes follow the
-released checkpoints (see ../shared/reference/dinov2_hub_state_dicts.json), so
-`load_state_dict(strict=True)` works in both directions.
+Pure PyTorch. Attention uses `F.scaled_dot_product_attention` (explicit matmuls on CPU in bf16).
+Key names and shapes follow the released checkpoints (see
+../shared/reference/dinov2_hub_state_dicts.json), so `load_state_dict(strict=True)` works in both
+directions.
 """
 
 from __future__ import annotations

@@ -293,3 +293,17 @@ def test_cudagraphs_and_reshard_keys_are_refused_where_they_cannot_work():
     assert tiny_job("ddp", fsdp={"compile": True, "cudagraphs": True}).fsdp.cudagraphs
     with pytest.raises(config.ConfigError, match="fsdp.reshard_after_forward: applies to backend fsdp2 only"):
         tiny_job("ddp", fsdp={"reshard_after_forward": False})
+
+
+def test_autocast_auto_follows_the_cpu_flags():
+    """precision.autocast "auto" (the default) is bf16 on GPUs and on CPUs whose /proc/cpuinfo lists
+    AMX or AVX512-BF16, fp32 on the others; the explicit names stay what they say."""
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        flags = {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]}
+    native = bool(flags & {"amx_tile", "avx512_bf16"})
+    assert tiny_job("ddp").precision.autocast == "auto"
+    assert backends.autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert backends.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert backends.autocast_dtype("fp32", torch.device("cuda")) == torch.float32
+    assert backends.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16

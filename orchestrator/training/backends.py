@@ -29,11 +29,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    """precision.autocast -> the compute dtype; "auto" is bf16 where its matmuls are native (GPUs, CPUs
-    with AMX or AVX512-BF16) and fp32 elsewhere (AVX2 CPUs emulate bf16, 6-10x slower than fp32)."""
+    """precision.autocast -> the compute dtype; "auto": bf16 where `model.native_bf16`, else fp32."""
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return DTYPES[name]
+
+
 # Sub-module trees of the meta-architectures (SSLMetaArch: student/teacher[/gram_teacher];
 # DistillMetaArch: student/student_ema/teacher). Only "student" is trained.
 TOWERS = ("student", "teacher", "student_ema", "gram_teacher")
