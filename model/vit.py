@@ -76,7 +76,7 @@ class Attention(nn.Module):
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass,
         # where three selects would each zero-fill a full qkv-sized gradient and add into it
         q, k, v = qkv.unbind(0)
-        if q.device.type == "cpu" and q.dtype != torch.float32:
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU in bf16/fp16 (autocast on AMX): two batched matmuls and a softmax, as the reference's
             # Attention. SDPA's CPU flash kernel is 2-4x slower there (bench/model.py --dtype bf16; its
             # softmax rounds to the same bf16 output); fp32 and accelerators keep the fused kernel.
@@ -338,10 +338,10 @@ def build_hub_backbone(name: str, device: torch.device | str | None = None) -> D
 def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls run natively on `device` (CUDA; CPUs with AMX or AVX512-BF16), so that bf16
     autocast is faster than fp32. On other CPUs bf16 is emulated: 6-10x slower than fp32 on AVX2."""
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         return True
-    return torch.device(device).type == "cpu" and (torch.cpu._is_amx_tile_supported()
-                                                   or torch.cpu._is_avx512_bf16_supported())
+    return kind == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 def flops_per_image(arch: str, img_size: int = 224, patch_size: int = 14, num_register_tokens: int = 0,

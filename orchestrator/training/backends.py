@@ -79,13 +79,12 @@ class Backend:
         self.model: nn.Module = meta
         self.optimizer = None
         self._ac_dtype = autocast_dtype(job.precision.autocast, device)
-        self._autocast = self._ac_dtype != torch.float32
         self._cudagraphs = job.fsdp.compile and job.fsdp.cudagraphs
         if self._cudagraphs and accum != 1:  # validate.py refuses cudagraphs with an elastic range
             raise ValueError(f"{job.source}: fsdp.cudagraphs needs one micro-batch per step (accum {accum})")
 
     def autocast(self):
-        if not self._autocast:
+        if self._ac_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._ac_dtype)
 
