@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import losses as L
 from .ema import EMAMetaArch, freeze_
 from .ssl import (DEFAULT_CFG, Centering, _heads_forward, build_backbone_from_cfg, build_heads, normalize_images,
-                  resolve_cfg)
+                  resolve_cfg, student_head_losses)
 
 DISTILL_DEFAULT_CFG: dict = {
     **DEFAULT_CFG,
@@ -127,13 +127,10 @@ class DistillMetaArch(EMAMetaArch):
         n_l = s_outs[1]["x_norm_clstoken"].shape[0] // B if len(s_outs) > 1 else 0
         s_cls = torch.cat([o["x_norm_clstoken"] for o in s_outs])
         s_patch_tokens = s_outs[0]["x_norm_patchtokens"]
-        n_tok = s_patch_tokens.shape[1]
-        s_cls_logits, s_patch_logits = _heads_forward(self.student, s_cls, s_patch_tokens.flatten(0, 1))
-        T = self.cfg["student_temp"]
-        dino_global, dino_local = L.multicrop_dino_loss(s_cls_logits, t_cls, n_g, n_l, T)
-        weight = torch.full((s_patch_logits.shape[0],), 1.0 / n_tok, device=s_cls.device)
-        ibot = L.ibot_loss(s_patch_logits, t_patch, weight, n_images=n_g * B, student_temp=T)
-        return {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot}
+        s_patches = s_patch_tokens.flatten(0, 1)
+        weight = torch.full((s_patches.shape[0],), 1.0 / s_patch_tokens.shape[1], device=s_cls.device)
+        return student_head_losses(self.student, s_cls, s_patches, t_cls, t_patch, weight, n_g, n_l,
+                                   self.cfg["student_temp"])
 
     def _feature_loss(self, s_cls: Tensor, t_cls: Tensor) -> Tensor:
         """1 - cos(student CLS [-> feat_proj], teacher CLS), same global crop."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import Targets, prototype_cross_entropy
+
 
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| (per output row).
@@ -28,9 +30,13 @@ class WeightNormLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight_v, a=5 ** 0.5)  # nn.Linear's default
         self.weight_g.fill_(1.0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, targets: Targets | None = None, temp: float = 1.0) -> Tensor:
+        """Logits x @ w^T [N, out]; with `targets`, instead the rows' cross entropies of their targets
+        against logits / temp [N] (`prototype_cross_entropy`: the logits are not kept)."""
         v = self.weight_v
         w = v * (self.weight_g / torch.linalg.vector_norm(v.float(), dim=1, keepdim=True).to(v.dtype))
+        if targets is not None:
+            return prototype_cross_entropy(x, w, targets, temp)
         return F.linear(x, w)
 
 
@@ -59,7 +65,8 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, targets: Targets | None = None, temp: float = 1.0) -> Tensor:
+        """Prototype logits [N, out]; with `targets`, the rows' cross entropies (WeightNormLinear)."""
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12)
-        return self.last_layer(x)
+        return self.last_layer(x, targets, temp)

@@ -63,7 +63,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     below every prototype's best), the log-domain algorithm (`sinkhorn_knopp_log`) computes the result
     instead, on every rank.
     """
-    x = teacher_logits.float() / teacher_temp  # B_local x K
+    x = teacher_logits.float()  # B_local x K, a new tensor from here on (the input stays as it is)
+    x = x.div_(teacher_temp) if x is not teacher_logits else x / teacher_temp
     if x.shape[0]:
         m = x.amax(dim=0, keepdim=True)
     else:
@@ -71,7 +72,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     if _world(process_group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(x.sub_(m))  # every prototype's largest entry (over the global batch) is 1
+    e = x.sub_(m).exp_()  # every prototype's largest entry (over the global batch) is 1
     K = e.shape[1]
     b = e.new_ones(e.shape[0], 1)
     a = e.new_ones(K, 1)
@@ -114,81 +115,113 @@ def update_center_(center: Tensor, teacher_logits: Tensor, momentum: float, proc
     center.mul_(momentum).add_(s / n.clamp(min=1.0), alpha=1.0 - momentum)
 
 
-class _SoftCrossEntropy(torch.autograd.Function):
-    """-sum(t * log_softmax(s / T)) per row, in float32 (float64 stays float64), as one autograd node.
+# Rows of logits per block on a CPU: a float32 block of about 4 MiB stays in cache through the block's
+# passes (float32 copy, log-softmax, target dot, gradient) and is reused, where whole [N, K] float32
+# temporaries are fresh allocations that page-fault on every step (glibc hands blocks over 32 MiB back
+# to the OS). Accelerators take all rows at once.
+_CPU_BLOCK_BYTES = 4 << 20
 
-    The [N, K] logits (K = 65,536 prototypes) are the largest activations of a step. Autograd's
-    chain (cast, divide, log_softmax, multiply by t, sum) passes over them five times forward and
-    four backward; here the division is in place on the float32 copy, <t, lsm> is one reduction, and
-    the backward forms (softmax * sum(t) - t) / T in place in one new tensor. bench/model.py's
-    iBOT logits, [619, 65,536] bf16 on 2 CPU threads: 534 -> 380-404 ms forward + backward; on an
-    H200 ([2,400, 131,072]) 7.07 -> 7.17 ms (equal)."""
+
+class _PrototypeCrossEntropy(torch.autograd.Function):
+    """Per-row -sum(t * log_softmax(x @ w^T / T)) for a head's prototype layer, and its gradient.
+
+    The [N, K] logits (K = 65,536 prototypes) are the largest activations of a step. They are formed
+    once, in the compute dtype (bf16 under autocast), and overwritten block by block with the gradient
+    of each row's cross entropy with respect to them, (softmax * sum(t) - t) / T, computed in float32
+    (float64 stays float64, for gradcheck). Backward is then two matmuls, with the rows' incoming
+    gradients applied to the [N, D] operands rather than to the [N, K] matrix. The loss and gradients
+    are those of autograd through matmul, log_softmax and the target dot (tests/test_model_losses.py).
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temp: float) -> Tensor:
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 from bf16 (fp64 stays, for gradcheck)
-        x = logits.to(dtype)
-        x = x.div_(temp) if x is not logits else x / temp
-        t = targets.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):  # autocast would run vecdot in bf16
-            lsm = torch.log_softmax(x, dim=-1)
-            loss = -torch.linalg.vecdot(t, lsm)
-        ctx.save_for_backward(lsm, t)
-        ctx.temp, ctx.dtype = temp, logits.dtype
-        return loss
+    def forward(ctx, x: Tensor, w: Tensor, segments: list, temp: float) -> Tensor:
+        dev = x.device.type
+        cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+               else torch.promote_types(x.dtype, w.dtype))
+        fdt = torch.promote_types(cdt, torch.float32)
+        with torch.autocast(dev, enabled=False):
+            xc, wc = x.to(cdt), w.to(cdt)
+            g = xc @ wc.t()  # logits, then (in place, block by block) their gradient
+            ce = torch.empty(g.shape[0], dtype=fdt, device=x.device)
+            K = g.shape[1]
+            step = g.shape[0] if dev != "cpu" else max(1, _CPU_BLOCK_BYTES // (4 * max(K, 1)))
+            row = 0
+            for targets, index in segments:
+                n = targets.shape[0] if index is None else index.shape[0]
+                for a in range(row, row + n, step):
+                    b = min(a + step, row + n)
+                    t = (targets[a - row:b - row] if index is None else targets[index[a - row:b - row]]).to(fdt)
+                    z = g[a:b].to(fdt).div_(temp)  # (a view of g in float32: overwritten below anyway)
+                    lsm = torch.log_softmax(z, dim=-1)
+                    ce[a:b] = -torch.bmm(t.unsqueeze(1), lsm.unsqueeze(2)).view(-1)
+                    grad = lsm.exp_().mul_(t.sum(dim=-1, keepdim=True) / temp).sub_(t, alpha=1.0 / temp)
+                    g[a:b].copy_(grad)
+                row += n
+            if row != g.shape[0]:
+                raise ValueError(f"the target segments cover {row} rows, the inputs have {g.shape[0]}")
+        ctx.save_for_backward(g, xc, wc)
+        ctx.dtypes = (x.dtype, w.dtype)
+        return ce
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        lsm, t = ctx.saved_tensors
-        scale = (grad.to(lsm.dtype) / ctx.temp).unsqueeze(-1)
-        g = torch.exp(lsm).mul_(t.sum(dim=-1, keepdim=True) * scale)
-        g.addcmul_(t, scale, value=-1.0)
-        return g.to(ctx.dtype), None, None
+        g, xc, wc = ctx.saved_tensors
+        r = grad.to(g.dtype).unsqueeze(-1)
+        with torch.autocast(g.device.type, enabled=False):
+            gx = (g @ wc).mul_(r)
+            gw = g.t() @ (xc * r)
+        return gx.to(ctx.dtypes[0]), gw.to(ctx.dtypes[1]), None, None
 
 
-def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
-    """Per-row cross entropy -sum(t * log_softmax(s / T)) -> [N] (float32; no gradient to t)."""
-    return _SoftCrossEntropy.apply(student_logits, teacher_probs.detach(), student_temp)
+class Targets:
+    """The target rows of a head's input rows, in segments covering them in order: (targets [M, K],
+    index [n] or None); a segment's row i has the target targets[index[i]] (targets[i] without an
+    index). No gradient reaches the targets.
+
+    A plain object rather than a list: FSDP2 casts the floating tensors inside a sharded module's
+    list and tuple arguments to its parameter dtype, and targets are float32 probabilities."""
+
+    def __init__(self, *segments: tuple[Tensor, Tensor | None]):
+        self.segments = [(t.detach(), i) for t, i in segments]
+
+    def __add__(self, other: "Targets") -> "Targets":
+        return Targets(*self.segments, *other.segments)
 
 
-def dino_loss(student_chunks: list[Tensor], teacher_chunks: list[Tensor], student_temp: float = 0.1) -> Tensor:
-    """Sum over every (student chunk, teacher chunk) pair of the mean cross entropy.
-
-    Cross entropy is linear in the target, so each student chunk meets the sum of the teacher chunks
-    once (one pass over its logits, not one per teacher chunk)."""
-    if not student_chunks or not teacher_chunks:
-        return student_chunks[0].new_zeros((), dtype=torch.float32) if student_chunks else torch.zeros(())
-    t_sum = teacher_chunks[0].float()
-    for t in teacher_chunks[1:]:
-        t_sum = t_sum + t.float()
-    return sum(cross_entropy(t_sum, s, student_temp).mean() for s in student_chunks)
+def prototype_cross_entropy(x: Tensor, w: Tensor, targets: Targets, temp: float) -> Tensor:
+    """Per-row cross entropy of the targets against the logits x @ w^T / temp -> [N] (float32).
+    x [N, D] (a head's normalised bottleneck), w [K, D] (its prototypes)."""
+    return _PrototypeCrossEntropy.apply(x, w, targets.segments, temp)
 
 
-def multicrop_dino_loss(student_logits: Tensor, teacher_probs: Tensor, n_global: int, n_local: int,
-                        student_temp: float) -> tuple[Tensor, Tensor]:
-    """The DINO terms of a multi-crop batch -> (dino_global, dino_local).
+def dino_targets(teacher_probs: Tensor, n_global: int, n_local: int) -> Targets:
+    """The DINO targets of the student's CLS rows (global crops, crop by crop, then the local crops').
 
-    `student_logits` [(n_global + n_local) * B, K]: the global crops' rows first, crop by crop, then
-    the local crops'; `teacher_probs` [n_global * B, K]: the teacher's centred global crops. Every
-    student global crop is compared with the other global crops' targets, every local crop with all
-    of them; both terms are divided by the total number of pairs, as in the reference."""
-    n_rows = teacher_probs.shape[0]
-    s_glob, s_loc = student_logits.split([n_rows, student_logits.shape[0] - n_rows])
-    n_terms = n_global * (n_global - 1) + n_global * n_local
-    s_chunks, t_chunks = s_glob.chunk(n_global), teacher_probs.chunk(n_global)
-    dino_global = sum(dino_loss([s_chunks[i]], [t_chunks[j]], student_temp)
-                      for i in range(n_global) for j in range(n_global) if i != j) / max(n_terms, 1)
-    dino_local = (dino_loss(list(s_loc.chunk(n_local)), list(t_chunks), student_temp) / n_terms
-                  if n_local else student_logits.sum() * 0.0)
-    return dino_global, dino_local
+    `teacher_probs` [n_global * B, K] are the teacher's centred global crops. Every student global crop
+    is compared with each other global crop, every local crop with each global crop; cross entropy is
+    linear in its target, so each row meets the sum of its targets once."""
+    t = teacher_probs.float().unflatten(0, (n_global, -1))
+    B = t.shape[1]
+    others = [sum((t[j] for j in range(n_global) if j != i), torch.zeros_like(t[0])) for i in range(n_global)]
+    targets = torch.cat(others + [t.sum(0)])
+    index = torch.cat([torch.arange(n_global * B), n_global * B + torch.arange(B).repeat(n_local)])
+    return Targets((targets, index.to(t.device)))
 
 
-def ibot_loss(student_masked_logits: Tensor, teacher_masked_probs: Tensor, masks_weight: Tensor,
-              n_images: int, student_temp: float = 0.1) -> Tensor:
-    """iBOT masked-patch loss: per-token cross entropy on masked tokens only, each image's tokens
-    weighted 1/(number masked in that image), summed and divided by the number of images."""
-    ce = cross_entropy(teacher_masked_probs, student_masked_logits, student_temp)
-    return (ce * masks_weight.float()).sum() / max(int(n_images), 1)
+def dino_terms(ce_cls: Tensor, n_global: int, n_local: int) -> tuple[Tensor, Tensor]:
+    """(dino_global, dino_local) from the per-row cross entropies of `dino_targets`' rows: each the sum
+    over its pairs of the mean over the batch, divided by the total number of pairs, as in the
+    reference."""
+    B = ce_cls.shape[0] // (n_global + n_local)
+    n_terms = max(n_global * (n_global - 1) + n_global * n_local, 1)
+    glob, loc = ce_cls.split([n_global * B, n_local * B])
+    return glob.sum() / (B * n_terms), loc.sum() / (B * n_terms)
+
+
+def ibot_terms(ce_patch: Tensor, masks_weight: Tensor, n_images: int) -> Tensor:
+    """iBOT masked-patch loss from the masked tokens' cross entropies: each image's tokens weighted
+    1/(number masked in that image), summed and divided by the number of images."""
+    return (ce_patch * masks_weight.float()).sum() / max(int(n_images), 1)
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:

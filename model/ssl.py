@@ -97,11 +97,29 @@ def build_heads(cfg: dict, embed_dim: int, device=None) -> dict[str, nn.Module]:
 
 
 def _heads_forward(mods: nn.ModuleDict, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
-    """dino head on CLS tokens, iBOT head on patch tokens; one call when the heads are tied."""
+    """The teacher's logits: dino head on CLS tokens, iBOT head on patch tokens; one call when the
+    heads are tied (the student's side is `student_head_losses`)."""
     if "ibot_head" in mods:
         return mods["dino_head"](cls), mods["ibot_head"](patches)
     out = mods["dino_head"](torch.cat([cls, patches]))
-    return out.split([cls.shape[0], patches.shape[0]])  # one cat backward, not two zero-filled slices
+    return out.split([cls.shape[0], patches.shape[0]])
+
+
+def student_head_losses(heads: nn.ModuleDict, cls: Tensor, patches: Tensor, t_cls: Tensor, t_patch: Tensor,
+                        patch_weight: Tensor, n_g: int, n_l: int, temp: float) -> dict[str, Tensor]:
+    """DINO on the student's CLS tokens (global crops, then local) against the teacher's centred global
+    crops, iBOT on its masked patch tokens: each head returns its rows' cross entropies (one call per
+    head; tied heads take both kinds of rows in one) -> dino_global, dino_local, ibot."""
+    cls_targets, patch_targets = L.dino_targets(t_cls, n_g, n_l), L.Targets((t_patch, None))
+    if "ibot_head" in heads:
+        ce_cls = heads["dino_head"](cls, cls_targets, temp)
+        ce_patch = heads["ibot_head"](patches, patch_targets, temp)
+    else:
+        ce = heads["dino_head"](torch.cat([cls, patches]), cls_targets + patch_targets, temp)
+        ce_cls, ce_patch = ce.split([cls.shape[0], patches.shape[0]])
+    dino_global, dino_local = L.dino_terms(ce_cls, n_g, n_l)
+    ibot = L.ibot_terms(ce_patch, patch_weight, n_images=n_g * (cls.shape[0] // (n_g + n_l)))
+    return {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot}
 
 
 class Centering(nn.Module):
@@ -213,15 +231,11 @@ class SSLMetaArch(EMAMetaArch):
         s_gcls = s_outs[0]["x_norm_clstoken"]
         s_cls = torch.cat([s_gcls] + ([s_outs[1]["x_norm_clstoken"]] if n_l else []))
         s_patches = s_outs[0]["x_norm_patchtokens"].flatten(0, 1)[idx]
-        s_cls_logits, s_patch_logits = _heads_forward(self.student, s_cls, s_patches)
-
-        T = cfg["student_temp"]
-        dino_global, dino_local = L.multicrop_dino_loss(s_cls_logits, t_cls, n_g, n_l, T)
-        koleo = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
-        ibot = L.ibot_loss(s_patch_logits, t_patch, weight, n_images=n_g * B, student_temp=T)
-        parts = {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "koleo": koleo}
-        loss = (cfg["dino_loss_weight"] * (dino_global + dino_local)
-                + cfg["koleo_loss_weight"] * koleo + cfg["ibot_loss_weight"] * ibot)
+        parts = student_head_losses(self.student, s_cls, s_patches, t_cls, t_patch, weight, n_g, n_l,
+                                    cfg["student_temp"])
+        parts["koleo"] = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
+        loss = (cfg["dino_loss_weight"] * (parts["dino_global"] + parts["dino_local"])
+                + cfg["koleo_loss_weight"] * parts["koleo"] + cfg["ibot_loss_weight"] * parts["ibot"])
         if self.gram_teacher is not None:
             with torch.no_grad():
                 g_patches = self.gram_teacher.forward_features(glob)["x_norm_patchtokens"]

@@ -94,40 +94,61 @@ def test_softmax_centering_and_center_update():
     assert torch.allclose(center, 0.1 * x.mean(0, keepdim=True))
 
 
-def test_dino_loss_is_mean_cross_entropy_over_pairs():
-    s1, s2 = _logits(4, 6, 1).requires_grad_(), _logits(4, 6, 2).requires_grad_()
-    t1, t2 = F.softmax(_logits(4, 6, 3), -1), F.softmax(_logits(4, 6, 4), -1)
-    got = L.dino_loss([s1, s2], [t1, t2], student_temp=0.1)  # computed with t1 + t2 summed, once per s
-    want = sum(-(t * F.log_softmax(s / 0.1, -1)).sum(-1).mean() for s in (s1, s2) for t in (t1, t2))
-    assert torch.allclose(got, want, rtol=1e-6)
-    g_got, g_want = torch.autograd.grad(got, [s1, s2]), torch.autograd.grad(want, [s1, s2])
+def _ce(t, logits, T):
+    """The plain autograd form: -sum(t * log_softmax(logits / T)) per row."""
+    return -(t * F.log_softmax(logits / T, -1)).sum(-1)
+
+
+def test_dino_terms_are_mean_cross_entropy_over_pairs():
+    """2 global and 3 local crops of 4 images: every global crop against the other's teacher rows,
+    every local crop against both; the mean over images, summed over pairs, over the 8 pairs."""
+    B, K, D, T = 4, 6, 5, 0.1
+    x, w = _logits(5 * B, D, 1).requires_grad_(), _logits(K, D, 2).requires_grad_()
+    t = F.softmax(_logits(2 * B, K, 3), -1)
+    s, (t0, t1) = (x @ w.t()).split(B), t.split(B)
+    want_g = (_ce(t1, s[0], T).mean() + _ce(t0, s[1], T).mean()) / 8
+    want_l = sum(_ce(tj, s[c], T).mean() for c in (2, 3, 4) for tj in (t0, t1)) / 8
+    got_g, got_l = L.dino_terms(L.prototype_cross_entropy(x, w, L.dino_targets(t, 2, 3), T), 2, 3)
+    assert torch.allclose(got_g, want_g, rtol=1e-6) and torch.allclose(got_l, want_l, rtol=1e-6)
+    g_got, g_want = torch.autograd.grad(got_g + 2 * got_l, [x, w]), torch.autograd.grad(want_g + 2 * want_l, [x, w])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_got, g_want))
 
 
-def test_soft_cross_entropy_equals_log_softmax_form():
-    """The fused cross entropy (one float32 copy of the logits; softmax formed in backward) against
-    -sum(t * log_softmax(s / T)) in float64: values, gradients, gradcheck; bf16 logits get a float32
-    loss and a bf16 gradient, no gradient reaches the targets."""
-    s64 = _logits(5, 40, 1).double().requires_grad_()
-    t64 = F.softmax(_logits(5, 40, 2), -1).double() * torch.tensor([[1.0], [2.0], [0.5], [1.0], [0.0]]).double()
-    assert torch.autograd.gradcheck(lambda s: L.cross_entropy(t64, s, 0.1), (s64,))
-    s, t = _logits(37, 1000, 3, scale=3.0).requires_grad_(), F.softmax(_logits(37, 1000, 4), -1)
-    w = torch.rand(37, generator=torch.Generator().manual_seed(5))
-    want = -(t.double() * F.log_softmax(s.double() / 0.07, -1)).sum(-1)
-    (g_want,) = torch.autograd.grad((want * w.double()).sum(), s)
-    got = L.cross_entropy(t, s, 0.07)
-    (g_got,) = torch.autograd.grad((got * w).sum(), s)
-    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=1e-5)
-    assert torch.allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
-    sb = s.detach().bfloat16().requires_grad_()
+@pytest.mark.parametrize("block_bytes", [4 << 20, 4 * 1000 * 5, 4 * 1000])  # all rows; 5 rows; 1 row per block
+def test_prototype_cross_entropy_equals_log_softmax_form(monkeypatch, block_bytes):
+    """The fused head + cross entropy (logits overwritten by their gradient, block by block) against
+    autograd through x @ w^T, log_softmax and the target dot: gradcheck in float64; float32 values and
+    gradients for rows in two segments (one indexed) and any block size; bf16 inputs and autocast give
+    a float32 loss near float32's, gradients in the inputs' dtypes; no gradient reaches the targets."""
+    monkeypatch.setattr(L, "_CPU_BLOCK_BYTES", block_bytes)
+    x64, w64 = _logits(5, 8, 1).double().requires_grad_(), _logits(40, 8, 2).double().requires_grad_()
+    t64 = F.softmax(_logits(5, 40, 3), -1).double() * torch.tensor([[1.0], [2.0], [0.5], [1.0], [0.0]]).double()
+    targets64 = L.Targets((t64, None))
+    assert torch.autograd.gradcheck(lambda a, b: L.prototype_cross_entropy(a, b, targets64, 0.1), (x64, w64))
+    x, w = _logits(37, 16, 4).requires_grad_(), _logits(1000, 16, 5, scale=0.3).requires_grad_()
+    t = F.softmax(_logits(30, 1000, 6), -1)
+    idx = torch.tensor([3, 3, 0, 29] * 7)
+    rows = torch.cat([t[:9], t[idx]])
+    r = torch.rand(37, generator=torch.Generator().manual_seed(7))
+    want = _ce(rows.double(), x.double() @ w.double().t(), 0.07)
+    g_want = torch.autograd.grad((want * r.double()).sum(), [x, w])
     tq = t.clone().requires_grad_()
-    got = L.cross_entropy(tq, sb, 0.07)
+    got = L.prototype_cross_entropy(x, w, L.Targets((tq[:9], None), (tq, idx)), 0.07)
+    g_got = torch.autograd.grad((got * r).sum(), [x, w])
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=1e-5)
+    assert all(torch.allclose(a, b.float(), rtol=1e-4, atol=1e-5 * b.abs().max().item()) for a, b in zip(g_got, g_want))
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    got = L.prototype_cross_entropy(xb, wb, L.Targets((tq[:9], None), (tq, idx)), 0.07)
     got.sum().backward()
-    assert got.dtype == torch.float32 and sb.grad.dtype == torch.bfloat16 and tq.grad is None
+    assert got.dtype == torch.float32 and xb.grad.dtype == wb.grad.dtype == torch.bfloat16 and tq.grad is None
     assert torch.allclose(got.double(), want, rtol=2e-2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss stays float32 under autocast
-        under = L.cross_entropy(t, s, 0.07)
-    assert under.dtype == torch.float32 and torch.allclose(under.double(), want, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, the loss stays float32
+        under = L.prototype_cross_entropy(x, w, L.Targets((t[:9], None), (t, idx)), 0.07)
+        g_under = torch.autograd.grad(under.sum(), [x, w])
+    assert under.dtype == torch.float32 and torch.allclose(under.double(), want, rtol=2e-2)
+    assert g_under[0].dtype == g_under[1].dtype == torch.float32
+    with pytest.raises(ValueError, match="cover 9 rows"):
+        L.prototype_cross_entropy(x, w, L.Targets((t[:9], None)), 0.07)
 
 
 def test_ibot_weighting_hand_computed():
@@ -137,14 +158,15 @@ def test_ibot_weighting_hand_computed():
     assert f["mask_indices_list"].tolist() == [1, 4, 5, 7]
     assert torch.allclose(f["masks_weight"], torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3]))
     assert int(f["n_masked_patches"]) == 4
-    # teacher one-hot targets; student logits chosen so each CE is a known number
+    # teacher one-hot targets; student logits (x @ identity prototypes) chosen so each CE is a known number
     K, T = 3, 0.1
     t = torch.eye(K)[[0, 1, 2, 0]]
     s = torch.zeros(4, K)
     s[0, 0] = 2.0 * T  # CE = log(e^2 + 2) - 2
     ce = torch.tensor([math.log(math.e ** 2 + 2) - 2] + [math.log(3.0)] * 3)
     want = (ce[0] * 1.0 + ce[1:].sum() / 3) / 3  # divided by the number of images
-    got = L.ibot_loss(s, t, f["masks_weight"], n_images=3, student_temp=T)
+    ce_rows = L.prototype_cross_entropy(s, torch.eye(K), L.Targets((t, None)), T)
+    got = L.ibot_terms(ce_rows, f["masks_weight"], n_images=3)
     assert torch.allclose(got, want)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import DEFAULT_CFG, DistillMetaArch, SSLMetaArch, ema_update_, normalize_images
+from model.ssl import student_head_losses
 from model.masking import collate_masks
 
 TINY = dict(arch="vit_pico", patch_size=4, img_size=32, head_n_prototypes=64, head_hidden_dim=48,
@@ -30,6 +31,35 @@ def test_forward_parts_and_weighted_total():
     assert torch.allclose(loss.detach(), want, atol=1e-5)
     assert all(torch.isfinite(v) and v.ndim == 0 for v in parts.values())
     assert parts["ibot"] > 0 and parts["dino_local"] > parts["dino_global"]  # 6 local vs 2 global terms
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_head_losses_equal_the_plain_autograd_form(separate):
+    """student_head_losses (heads returning their rows' cross entropies; tied heads in one call) against
+    the heads' logits through log_softmax, pair by pair: values and every head parameter's gradient."""
+    torch.manual_seed(0)
+    m = SSLMetaArch({**TINY, "ibot_separate_head": separate})
+    B, n_l, K, T = 4, 3, 64, 0.1
+    cls, patches = torch.randn((2 + n_l) * B, 64), torch.randn(11, 64)
+    t_cls, t_patch = torch.softmax(torch.randn(2 * B, K) / 0.05, -1), torch.softmax(torch.randn(11, K) / 0.05, -1)
+    weight = torch.rand(11)
+    got = student_head_losses(m.student, cls, patches, t_cls, t_patch, weight, 2, n_l, T)
+    heads = dict(m.student.named_children())
+    heads.pop("backbone")
+    g_got = torch.autograd.grad(sum(got.values()), [p for h in heads.values() for p in h.parameters()])
+
+    def ce(t, logits):
+        return -(t * torch.log_softmax(logits / T, -1)).sum(-1).mean()
+    s = m.student["dino_head"](cls).split(B)
+    t0, t1 = t_cls.split(B)
+    s_patch = m.student["ibot_head" if separate else "dino_head"](patches)
+    want = {"dino_global": (ce(t1, s[0]) + ce(t0, s[1])) / 8,
+            "dino_local": sum(ce(t, s[c]) for c in range(2, 2 + n_l) for t in (t0, t1)) / 8,
+            "ibot": (-(t_patch * torch.log_softmax(s_patch / T, -1)).sum(-1) * weight).sum() / (2 * B)}
+    g_want = torch.autograd.grad(sum(want.values()), [p for h in heads.values() for p in h.parameters()])
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-5), k
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_got, g_want))
 
 
 def test_gradients_reach_student_only():
