@@ -135,11 +135,14 @@ class Centering(nn.Module):
 
     @torch.no_grad()
     def forward(self, logits: Tensor, teacher_temp: float, process_group=None) -> Tensor:
-        if self.kind == "sinkhorn_knopp":
-            return L.sinkhorn_knopp(logits, teacher_temp, self.n_iterations, process_group)
-        probs = L.softmax_center(logits, self.center, teacher_temp)
-        L.update_center_(self.center, logits, self.momentum, process_group)
-        return probs
+        # float32 throughout: under autocast Sinkhorn's matrix-vector products would run in bf16
+        # (and cast the [B, K] matrix for each of them)
+        with torch.autocast(logits.device.type, enabled=False):
+            if self.kind == "sinkhorn_knopp":
+                return L.sinkhorn_knopp(logits, teacher_temp, self.n_iterations, process_group)
+            probs = L.softmax_center(logits, self.center, teacher_temp)
+            L.update_center_(self.center, logits, self.momentum, process_group)
+            return probs
 
 
 class SSLMetaArch(EMAMetaArch):
