@@ -119,8 +119,11 @@ def update_center_(center: Tensor, teacher_logits: Tensor, momentum: float, proc
 # passes (float32 copy, log-softmax, target dot, gradient) and is reused, where whole [N, K] float32
 # temporaries are fresh allocations that page-fault on every step (glibc hands blocks over 32 MiB back
 # to the OS). [699 x 65,536] rows, fwd + bwd, bf16 autocast, 2 threads: 0.25 / 0.5 / 1 / 2 / 4 MiB
-# blocks 339 / 302 / 279-302 / 328 / 402-458 ms, all rows at once 519 ms. Accelerators take all rows.
+# blocks 339 / 302 / 279-302 / 328 / 402-458 ms, all rows at once 519 ms. Accelerators take blocks of
+# 256 MiB: a few launches, and float32 temporaries of that size instead of the whole [N, K] (ViT-g's
+# [2,400 x 131,072] iBOT logits are 1.2 GiB in float32).
 _CPU_BLOCK_BYTES = 1 << 20
+_ACCEL_BLOCK_BYTES = 256 << 20
 
 
 class _PrototypeCrossEntropy(torch.autograd.Function):
@@ -140,12 +143,15 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                else torch.promote_types(x.dtype, w.dtype))
         fdt = torch.promote_types(cdt, torch.float32)
+        n_rows = sum(t.shape[0] if i is None else i.shape[0] for t, i in segments)
+        if n_rows != x.shape[0]:
+            raise ValueError(f"the target segments cover {n_rows} rows, the inputs have {x.shape[0]}")
         with torch.autocast(dev, enabled=False):
             xc, wc = x.to(cdt), w.to(cdt)
             g = xc @ wc.t()  # logits, then (in place, block by block) their gradient
             ce = torch.empty(g.shape[0], dtype=fdt, device=x.device)
             K = g.shape[1]
-            step = g.shape[0] if dev != "cpu" else max(1, _CPU_BLOCK_BYTES // (4 * max(K, 1)))
+            step = max(1, (_CPU_BLOCK_BYTES if dev == "cpu" else _ACCEL_BLOCK_BYTES) // (4 * max(K, 1)))
             row = 0
             for targets, index in segments:
                 n = targets.shape[0] if index is None else index.shape[0]
@@ -158,8 +164,6 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
                     grad = lsm.exp_().mul_(t.sum(dim=-1, keepdim=True) / temp).sub_(t, alpha=1.0 / temp)
                     g[a:b].copy_(grad)
                 row += n
-            if row != g.shape[0]:
-                raise ValueError(f"the target segments cover {row} rows, the inputs have {g.shape[0]}")
         ctx.save_for_backward(g, xc, wc)
         ctx.dtypes = (x.dtype, w.dtype)
         return ce
