@@ -1,4 +1,5 @@
-"""DINOv2 losses: DINO CLS loss, teacher centering (softmax EMA / Sinkhorn-Knopp), iBOT, KoLeo, Gram.
+"""DINOv2 losses: teacher centering (softmax EMA / Sinkhorn-Knopp), the heads' prototype cross entropy
+(DINO on CLS tokens, iBOT on masked patches; fused with the heads' last layer), KoLeo, Gram.
 
 Every loss computes in float32 (inputs are cast), so it is safe under bf16 autocast.
 Collectives run only when torch.distributed is initialised and the group has more than one rank;

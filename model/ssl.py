@@ -205,7 +205,7 @@ class SSLMetaArch(EMAMetaArch):
 
     def forward(self, batch: dict, *, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        n_g, n_l, B = self._shapes(batch)
+        n_g, n_l, _ = self._shapes(batch)
         glob = normalize_images(batch["global_crops"])
         loc = normalize_images(batch["local_crops"]) if n_l else None
         masks = batch.get("masks")
