@@ -20,6 +20,7 @@ from .drop_path import add_subset_residual
 # arch -> (embed_dim, depth, num_heads, default ffn_layer)
 ARCHS: dict[str, tuple[int, int, int, str]] = {
     "vit_pico": (64, 2, 2, "mlp"),
+    "vit_nano": (128, 2, 4, "mlp"),  # bench/learn.py's hour on CIFAR-10 (docs/learning.md, seventh round)
     "vit_tiny": (192, 6, 3, "mlp"),
     "vit_small": (384, 12, 6, "mlp"),
     "vit_base": (768, 12, 12, "mlp"),
