@@ -210,8 +210,9 @@ def dino_targets(teacher_probs: Tensor, n_global: int, n_local: int) -> Targets:
     B = t.shape[1]
     others = [sum((t[j] for j in range(n_global) if j != i), torch.zeros_like(t[0])) for i in range(n_global)]
     targets = torch.cat(others + [t.sum(0)])
-    index = torch.cat([torch.arange(n_global * B), n_global * B + torch.arange(B).repeat(n_local)])
-    return Targets((targets, index.to(t.device)))
+    rows = torch.arange(B, device=t.device)  # built where the targets are: no host copy per step
+    index = torch.cat([torch.arange(n_global * B, device=t.device), n_global * B + rows.repeat(n_local)])
+    return Targets((targets, index))
 
 
 def dino_terms(ce_cls: Tensor, n_global: int, n_local: int) -> tuple[Tensor, Tensor]:
