@@ -62,6 +62,36 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # B, N, D
 
 
+def scaled_linear(x: Tensor, lin: nn.Linear, scale: Tensor | float | None) -> Tensor:
+    """lin(x) * scale (per output feature, or one number), with the scale applied to the weight and
+    bias ([out, in] elements) instead of to the output ([tokens, out]): a residual branch's LayerScale
+    and stochastic-depth factor cost no pass over the activations, forward or backward."""
+    if scale is None:
+        return lin(x)
+    col = scale.unsqueeze(-1) if isinstance(scale, Tensor) else scale
+    return F.linear(x, lin.weight * col, lin.bias * scale)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """qkv [B, N, 3 * C] -> q, k, v [B, heads, N, C / heads] (views). Backward writes the three
+    gradients straight into one [B, N, 3 * C] tensor: one pass, where autograd's backward of
+    reshape-permute-unbind stacks them (a pass) and copies the stack back to qkv's layout (another)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_heads: int):
+        B, N, C3 = qkv.shape
+        t = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads))
+        ctx.shape = t.shape
+        return tuple(t[:, :, i].transpose(1, 2) for i in range(3))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        out = next(g for g in grads if g is not None).new_empty(ctx.shape)
+        for i, g in enumerate(grads):
+            out[:, :, i].copy_(g.transpose(1, 2)) if g is not None else out[:, :, i].zero_()
+        return out.flatten(2), None
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -71,12 +101,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one pass,
-        # where three selects would each zero-fill a full qkv-sized gradient and add into it
-        q, k, v = qkv.unbind(0)
+        q, k, v = _SplitHeads.apply(self.qkv(x), self.num_heads)
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU in bf16/fp16 (autocast on AMX): two batched matmuls and a softmax, as the reference's
             # Attention. SDPA's CPU flash kernel is 2-4x slower there (bench/model.py --dtype bf16; its
@@ -84,7 +111,7 @@ class Attention(nn.Module):
             x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return scaled_linear(x.transpose(1, 2).reshape(B, N, C), self.proj, out_scale)
 
 
 class Mlp(nn.Module):
@@ -94,8 +121,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
+        return scaled_linear(self.act(self.fc1(x)), self.fc2, out_scale)
 
 
 class SwiGLU(nn.Module):
@@ -106,19 +133,19 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
         x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        return scaled_linear(F.silu(x1) * x2, self.w3, out_scale)
 
 
 class LayerScale(nn.Module):
+    """The per-channel scale of a residual branch (`gamma`); `Block` folds it into the branch's output
+    projection (`scaled_linear`), so this module only holds the parameter under the released name."""
+
     def __init__(self, dim: int, init_values: float):
         super().__init__()
         self.init_values = init_values
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
 
 
 class Block(nn.Module):
@@ -146,11 +173,20 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.drop_path = float(drop_path)
 
-    def _attn_branch(self, x: Tensor) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    @staticmethod
+    def _out_scale(ls: nn.Module, drop_scale: float) -> Tensor | float | None:
+        """LayerScale's gamma times the stochastic-depth factor, or None where both are 1."""
+        if isinstance(ls, LayerScale):
+            return ls.gamma if drop_scale == 1.0 else ls.gamma * drop_scale
+        return None if drop_scale == 1.0 else drop_scale
 
-    def _ffn_branch(self, x: Tensor) -> Tensor:
-        return self.ls2(self.mlp(self.norm2(x)))
+    def _attn_branch(self, x: Tensor, drop_scale: float = 1.0) -> Tensor:
+        """ls1(attn(norm1(x))) * drop_scale."""
+        return self.attn(self.norm1(x), self._out_scale(self.ls1, drop_scale))
+
+    def _ffn_branch(self, x: Tensor, drop_scale: float = 1.0) -> Tensor:
+        """ls2(mlp(norm2(x))) * drop_scale."""
+        return self.mlp(self.norm2(x), self._out_scale(self.ls2, drop_scale))
 
     def _residual(self, x: Tensor, branch) -> Tensor:
         if not (self.training and self.drop_path > 0.0):
@@ -160,7 +196,7 @@ class Block(nn.Module):
         idx = torch.randperm(B, device=x.device)[:keep]
         if x.device.type == "cpu":
             return add_subset_residual(x, idx, branch, B / keep)
-        out = branch(x[idx]) * (B / keep)  # accelerators: no host sync for the run boundaries
+        out = branch(x[idx], B / keep)  # accelerators: no host sync for the run boundaries
         return torch.index_add(x, 0, idx, out.to(x.dtype))
 
     def _forward_one(self, x: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ stochastic depth by contiguous runs vs index_add, Sinkhorn-Knopp by scaling vect
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import losses as L
@@ -24,15 +25,21 @@ def test_subset_residual_equals_index_add_values_and_gradients():
         for fn in (_index_add_residual, add_subset_residual):
             x = torch.randn(B, 4, 16, generator=torch.Generator().manual_seed(B), requires_grad=True)
             lin.zero_grad()
-            y = fn(x, idx, lin, B / len(idx))
+            branch = lin if fn is _index_add_residual else (lambda t, s: lin(t) * s)
+            y = fn(x, idx, branch, B / len(idx))
             y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
             grads.append((y.detach(), x.grad, lin.weight.grad.clone(), lin.bias.grad.clone()))
         for want, got in zip(*grads):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_block_with_stochastic_depth_same_as_index_add_path():
-    blk = Block(32, 2, "mlp", drop_path=0.3).train()
+@pytest.mark.parametrize("layerscale", [0.5, None])
+@pytest.mark.parametrize("drop_path", [0.3, 0.0])
+def test_block_same_as_plain_residuals_with_index_add(layerscale, drop_path):
+    """Block folds LayerScale and the stochastic-depth factor into each branch's output projection;
+    the plain form scales the branch output and adds it with index_add (the reference's)."""
+    blk = Block(32, 2, "mlp", layerscale_init=layerscale, drop_path=drop_path).train()
+    ls = (lambda t, m: t * m.gamma) if layerscale else (lambda t, m: t)
     x0 = torch.randn(10, 7, 32, generator=torch.Generator().manual_seed(1))
     outs = []
     for plain in (True, False):
@@ -40,11 +47,11 @@ def test_block_with_stochastic_depth_same_as_index_add_path():
         blk.zero_grad()
         torch.manual_seed(3)  # same kept samples in both runs
         if plain:
-            keep = int(10 * 0.7)
-            idx = torch.randperm(10)[:keep]
-            y = _index_add_residual(x, idx, blk._attn_branch, 10 / keep)
-            idx = torch.randperm(10)[:keep]
-            y = _index_add_residual(y, idx, blk._ffn_branch, 10 / keep)
+            keep = int(10 * (1 - drop_path))
+            idx = torch.randperm(10)[:keep] if drop_path else torch.arange(10)
+            y = _index_add_residual(x, idx, lambda t: ls(blk.attn(blk.norm1(t)), blk.ls1), 10 / keep)
+            idx = torch.randperm(10)[:keep] if drop_path else torch.arange(10)
+            y = _index_add_residual(y, idx, lambda t: ls(blk.mlp(blk.norm2(t)), blk.ls2), 10 / keep)
         else:
             y = blk(x)
         y.square().sum().backward()
