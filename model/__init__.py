@@ -1,7 +1,7 @@
 """dinoray model: pure PyTorch DINOv2 (no Ray, no DeepSpeed, no process groups).
 
 The public API, loaded on first use (so `import model.schedules` or `model.recipes` does not pull in
-torch for the config checks of `dinoray validate`); see model/vit.py, heads.py, losses.py,
+torch for the config checks of `dinoray validate`); see model/vit.py, layers.py, heads.py, losses.py,
 masking.py, ema.py, schedules.py, ssl.py, distill.py, recipes.py.
 """
 import importlib
@@ -14,7 +14,7 @@ _EXPORTS = {
     "ARCHS": "vit", "HUB_MODELS": "vit", "DinoVisionTransformer": "vit", "build_backbone": "vit",
     "build_hub_backbone": "vit", "flops_per_image": "vit", "native_bf16": "vit", "ssl_flops_per_image": "vit",
 }
-_SUBMODULES = ("distill", "drop_path", "ema", "heads", "losses", "masking", "recipes", "schedules", "ssl", "vit")
+_SUBMODULES = ("distill", "drop_path", "ema", "heads", "layers", "losses", "masking", "recipes", "schedules", "ssl", "vit")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

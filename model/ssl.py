@@ -219,21 +219,28 @@ class SSLMetaArch(EMAMetaArch):
 
         # teacher: global crops, unmasked, no grad
         with torch.no_grad():
-            t_out = self.teacher["backbone"].forward_features(glob)
-            t_patches = t_out["x_norm_patchtokens"].flatten(0, 1)[idx]
-            t_cls_logits, t_patch_logits = _heads_forward(self.teacher, t_out["x_norm_clstoken"], t_patches)
+            t_out = self.teacher["backbone"].forward_features(glob, read=idx)  # CLS + masked patches
+            t_cls_logits, t_patch_logits = _heads_forward(self.teacher, t_out["x_norm_clstoken"],
+                                                          t_out["x_norm_patchtokens_read"])
             t_cls = self.dino_centering(t_cls_logits, teacher_temp, self.process_group)
             t_patch = self.ibot_centering(t_patch_logits, teacher_temp, self.process_group)
 
         # student: global (masked) and local crops, each resolution one batch
-        xs, ms = [glob], [masks]
+        # the losses read the CLS tokens and the global crops' masked patch tokens (all patch tokens
+        # with the Gram loss): the last block computes no others (DinoVisionTransformer.forward_features_list)
+        g_read = idx if self.gram_teacher is None else None
+        xs, ms, reads = [glob], [masks], [g_read]
         if n_l:
             xs.append(loc)
             ms.append(None)
-        s_outs = self.student["backbone"].forward_features_list(xs, ms)
+            reads.append(idx.new_zeros(0))
+        s_outs = self.student["backbone"].forward_features_list(xs, ms, reads)
         s_gcls = s_outs[0]["x_norm_clstoken"]
         s_cls = torch.cat([s_gcls] + ([s_outs[1]["x_norm_clstoken"]] if n_l else []))
-        s_patches = s_outs[0]["x_norm_patchtokens"].flatten(0, 1)[idx]
+        if g_read is not None:
+            s_patches = s_outs[0]["x_norm_patchtokens_read"]
+        else:
+            s_patches = s_outs[0]["x_norm_patchtokens"].flatten(0, 1)[idx]
         parts = student_head_losses(self.student, s_cls, s_patches, t_cls, t_patch, weight, n_g, n_l,
                                     cfg["student_temp"])
         parts["koleo"] = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))

@@ -1,6 +1,6 @@
 """DINOv2 Vision Transformer backbone (state-dict compatible with the released DINOv2 models).
 
-Pure PyTorch. Attention uses `F.scaled_dot_product_attention` (explicit matmuls on CPU in bf16).
+Pure PyTorch; the layers (attention, MLP, the block) are in model/layers.py.
 Key names and shapes follow the released checkpoints (see
 ../shared/reference/dinov2_hub_state_dicts.json), so `load_state_dict(strict=True)` works in both
 directions.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .drop_path import add_subset_residual
+from .layers import Block, LayerScale, PatchEmbed, swiglu_hidden_dim
 
 # arch -> (embed_dim, depth, num_heads, default ffn_layer)
 ARCHS: dict[str, tuple[int, int, int, str]] = {
@@ -43,171 +43,6 @@ HUB_MODELS: dict[str, dict] = {
     "dinov2_vitg14_reg": dict(arch="vit_giant2", num_register_tokens=4,
                               interpolate_antialias=True, interpolate_offset=0.0),
 }
-
-FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
-
-
-def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0) -> int:
-    """SwiGLU hidden width as in the released ViT-g: 2/3 of the MLP width, rounded up to a multiple of 8."""
-    hidden = int(dim * mlp_ratio)
-    return (int(hidden * 2 / 3) + 7) // 8 * 8
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # B, N, D
-
-
-def scaled_linear(x: Tensor, lin: nn.Linear, scale: Tensor | float | None) -> Tensor:
-    """lin(x) * scale (per output feature, or one number), with the scale applied to the weight and
-    bias ([out, in] elements) instead of to the output ([tokens, out]): a residual branch's LayerScale
-    and stochastic-depth factor cost no pass over the activations, forward or backward."""
-    if scale is None:
-        return lin(x)
-    col = scale.unsqueeze(-1) if isinstance(scale, Tensor) else scale
-    return F.linear(x, lin.weight * col, lin.bias * scale)
-
-
-class _SplitHeads(torch.autograd.Function):
-    """qkv [B, N, 3 * C] -> q, k, v [B, heads, N, C / heads] (views). Backward writes the three
-    gradients straight into one [B, N, 3 * C] tensor: one pass, where autograd's backward of
-    reshape-permute-unbind stacks them (a pass) and copies the stack back to qkv's layout (another)."""
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, num_heads: int):
-        B, N, C3 = qkv.shape
-        t = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads))
-        ctx.shape = t.shape
-        return tuple(t[:, :, i].transpose(1, 2) for i in range(3))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None):
-        out = next(g for g in grads if g is not None).new_empty(ctx.shape)
-        for i, g in enumerate(grads):
-            out[:, :, i].copy_(g.transpose(1, 2)) if g is not None else out[:, :, i].zero_()
-        return out.flatten(2), None
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = _SplitHeads.apply(self.qkv(x), self.num_heads)
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            # CPU in bf16/fp16 (autocast on AMX): two batched matmuls and a softmax, as the reference's
-            # Attention. SDPA's CPU flash kernel is 2-4x slower there (bench/model.py --dtype bf16; its
-            # softmax rounds to the same bf16 output); fp32 and accelerators keep the fused kernel.
-            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v)
-        return scaled_linear(x.transpose(1, 2).reshape(B, N, C), self.proj, out_scale)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
-        return scaled_linear(self.act(self.fc1(x)), self.fc2, out_scale)
-
-
-class SwiGLU(nn.Module):
-    """w12 -> split (x1, x2) -> silu(x1) * x2 -> w3 (the released ViT-g FFN)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return scaled_linear(F.silu(x1) * x2, self.w3, out_scale)
-
-
-class LayerScale(nn.Module):
-    """The per-channel scale of a residual branch (`gamma`); `Block` folds it into the branch's output
-    projection (`scaled_linear`), so this module only holds the parameter under the released name."""
-
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.init_values = init_values
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block. Stochastic depth drops whole samples: in training the residual
-    branch is computed only on the kept subset of the batch and rescaled (as the reference does),
-    which saves the dropped samples' compute.
-
-    `forward` accepts a tensor or a list of tensors (one per resolution) so that a sharded block is
-    gathered once for all crops of a step.
-    """
-
-    def __init__(self, dim: int, num_heads: int, ffn_layer: str, mlp_ratio: float = 4.0,
-                 layerscale_init: float | None = 1e-5, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        if ffn_layer == "mlp":
-            self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        elif ffn_layer in ("swiglu", "swiglufused"):
-            self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
-        else:
-            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; use one of {FFN_LAYERS}")
-        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
-        self.drop_path = float(drop_path)
-
-    @staticmethod
-    def _out_scale(ls: nn.Module, drop_scale: float) -> Tensor | float | None:
-        """LayerScale's gamma times the stochastic-depth factor, or None where both are 1."""
-        if isinstance(ls, LayerScale):
-            return ls.gamma if drop_scale == 1.0 else ls.gamma * drop_scale
-        return None if drop_scale == 1.0 else drop_scale
-
-    def _attn_branch(self, x: Tensor, drop_scale: float = 1.0) -> Tensor:
-        """ls1(attn(norm1(x))) * drop_scale."""
-        return self.attn(self.norm1(x), self._out_scale(self.ls1, drop_scale))
-
-    def _ffn_branch(self, x: Tensor, drop_scale: float = 1.0) -> Tensor:
-        """ls2(mlp(norm2(x))) * drop_scale."""
-        return self.mlp(self.norm2(x), self._out_scale(self.ls2, drop_scale))
-
-    def _residual(self, x: Tensor, branch) -> Tensor:
-        if not (self.training and self.drop_path > 0.0):
-            return x + branch(x)
-        B = x.shape[0]
-        keep = max(int(B * (1.0 - self.drop_path)), 1)
-        idx = torch.randperm(B, device=x.device)[:keep]
-        if x.device.type == "cpu":
-            return add_subset_residual(x, idx, branch, B / keep)
-        out = branch(x[idx], B / keep)  # accelerators: no host sync for the run boundaries
-        return torch.index_add(x, 0, idx, out.to(x.dtype))
-
-    def _forward_one(self, x: Tensor) -> Tensor:
-        x = self._residual(x, self._attn_branch)
-        return self._residual(x, self._ffn_branch)
-
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        if isinstance(x, (list, tuple)):
-            return [self._forward_one(t) for t in x]
-        return self._forward_one(x)
-
 
 class DinoVisionTransformer(nn.Module):
     def __init__(self, *, img_size: int = 224, patch_size: int = 14, in_chans: int = 3,
@@ -240,6 +75,7 @@ class DinoVisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.skip_unread_tokens = True  # see forward_features_list
         if not self.pos_embed.is_meta:
             self.init_weights()
 
@@ -309,20 +145,49 @@ class DinoVisionTransformer(nn.Module):
             "masks": masks,
         }
 
-    def forward_features_list(self, xs: list[Tensor], masks_list: list[Tensor | None]) -> list[dict]:
-        """Runs several inputs (e.g. global and local crops); each is one batch through every block."""
-        toks = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks_list)]
-        for blk in self.blocks:
-            toks = blk(toks)
-        return [self._outputs(t, m) for t, m in zip(toks, masks_list)]
+    def _outputs_read(self, x: Tensor, B: int, masks: Tensor | None) -> dict[str, Tensor | None]:
+        """Outputs of a read-restricted last block ([B + n, C]: CLS rows, then the read patch rows)."""
+        return {"x_norm_clstoken": self.norm(x[:B]), "x_norm_patchtokens_read": self.norm(x[B:]),
+                "masks": masks}
 
-    def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | None = None):
+    def forward_features_list(self, xs: list[Tensor], masks_list: list[Tensor | None],
+                              read_list: list[Tensor | None] | None = None) -> list[dict]:
+        """Runs several inputs (e.g. global and local crops); each is one batch through every block.
+
+        `read_list` (per input): None, or the flat indices (into [B * n_patches], as masking's
+        mask_indices_list) of the only patch tokens the caller reads. Such an input's outputs are
+        "x_norm_clstoken" and "x_norm_patchtokens_read" (those tokens, in that order), and its last
+        block computes only what they need (`Block._forward_read`): no other token's attention
+        output projection, MLP or norm. `skip_unread_tokens = False` computes every token instead
+        (same outputs, plus the full ones), e.g. for compiled blocks, whose shapes must not vary.
+        """
+        toks = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks_list)]
+        read_list = read_list if read_list is not None else [None] * len(xs)
+        n0 = 1 + self.num_register_tokens
+        rows = [None if r is None else r // (t.shape[1] - n0) * t.shape[1] + n0 + r % (t.shape[1] - n0)
+                for t, r in zip(toks, read_list)]
+        skip = self.skip_unread_tokens and any(r is not None for r in rows)
+        for i, blk in enumerate(self.blocks):
+            toks = blk(toks, rows) if skip and i == len(self.blocks) - 1 else blk(toks)
+        outs = []
+        for x, t, m, r in zip(xs, toks, masks_list, read_list):
+            if r is None:
+                outs.append(self._outputs(t, m))
+            elif skip:
+                outs.append(self._outputs_read(t, x.shape[0], m))
+            else:
+                out = self._outputs(t, m)
+                out["x_norm_patchtokens_read"] = out["x_norm_patchtokens"].flatten(0, 1)[r]
+                outs.append(out)
+        return outs
+
+    def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | None = None,
+                         read: Tensor | None = None):
+        """One input (dict of outputs) or a list of them (`forward_features_list`; then `masks` and
+        `read` are lists too)."""
         if isinstance(x, list):
-            return self.forward_features_list(x, masks if masks is not None else [None] * len(x))
-        t = self.prepare_tokens_with_masks(x, masks)
-        for blk in self.blocks:
-            t = blk(t)
-        return self._outputs(t, masks)
+            return self.forward_features_list(x, masks if masks is not None else [None] * len(x), read)
+        return self.forward_features_list([x], [masks], None if read is None else [read])[0]
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1, norm: bool = True) -> list[Tensor]:
         """Patch tokens of the last n blocks (optionally normed), for linear probes / dense tasks."""

@@ -1,14 +1,17 @@
 """The CPU step's faster paths give the numbers of the plain ones (within fp32 tolerance):
-stochastic depth by contiguous runs vs index_add, Sinkhorn-Knopp by scaling vectors vs the log domain."""
+stochastic depth by contiguous runs vs index_add, LayerScale folded into the projections, the last
+block on the read tokens only, Sinkhorn-Knopp by scaling vectors vs the log domain."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from model import SSLMetaArch
 from model import losses as L
 from model.drop_path import add_subset_residual
-from model.vit import Block
+from model.layers import Block
+from model.masking import collate_masks
 
 
 def _index_add_residual(x, idx, branch, scale):
@@ -75,3 +78,58 @@ def test_sinkhorn_falls_back_to_log_domain_where_exp_underflows():
     got = L.sinkhorn_knopp(x, teacher_temp=0.04)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, L.sinkhorn_knopp_log(x, 0.04), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("drop_path", [0.3, 0.0])
+@pytest.mark.parametrize("n_read", [0, 5])
+def test_block_on_read_rows_equals_full_block_at_those_rows(drop_path, n_read):
+    """Block(x, read): each sample's CLS and the rows `read` only; the full block's values and
+    gradients at those rows (the same samples dropped)."""
+    blk = Block(32, 2, "mlp", layerscale_init=0.5, drop_path=drop_path).train()
+    B, N = 10, 7
+    x0 = torch.randn(B, N, 32, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    read = torch.randperm(B * (N - 1), generator=g)[:n_read]
+    read = read // (N - 1) * N + 1 + read % (N - 1)  # patch rows (never a CLS row)
+    rows = torch.cat([torch.arange(B) * N, read])
+    up = torch.randn(B + n_read, 32, generator=g)
+    outs = []
+    for full in (True, False):
+        x = x0.clone().requires_grad_(True)
+        blk.zero_grad()
+        torch.manual_seed(3)
+        y = blk(x).flatten(0, 1)[rows] if full else blk(x, read)
+        (y * up).sum().backward()
+        outs.append([y.detach(), x.grad] + [p.grad.clone() for p in blk.parameters()])
+    for want, got in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_ssl_step_reading_only_the_lost_tokens_equals_the_full_last_block():
+    """SSLMetaArch's backbones compute their last block only at the tokens its losses read (CLS, masked
+    patches; `skip_unread_tokens`): the loss and every gradient equal those of full last blocks,
+    with registers and stochastic depth on."""
+    cfg = dict(arch="vit_pico", patch_size=4, img_size=32, head_n_prototypes=64, head_hidden_dim=48,
+               head_bottleneck_dim=16, num_register_tokens=2, drop_path_rate=0.3, layerscale_init=0.5)
+    g = torch.Generator().manual_seed(0)
+    batch = {"global_crops": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "local_crops": torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)}
+    batch.update(collate_masks(8, 8, g))
+    assert 0 < batch["mask_indices_list"].numel() < 8 * 64
+    torch.manual_seed(0)
+    m = SSLMetaArch(cfg)
+    with torch.no_grad():
+        for p in m.teacher.parameters():  # a teacher unlike the student: both towers' paths matter
+            p.add_(torch.randn_like(p) * 0.1)
+    results = []
+    for skip in (False, True):
+        for tower in (m.student, m.teacher):
+            tower["backbone"].skip_unread_tokens = skip
+        m.zero_grad()
+        torch.manual_seed(5)
+        loss, parts = m(batch, teacher_temp=0.05)
+        loss.backward()
+        results.append([loss.detach()] + [parts[k] for k in sorted(parts)]
+                       + [p.grad.clone() for p in m.student.parameters()])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

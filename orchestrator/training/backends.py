@@ -369,6 +369,8 @@ def _per_block(meta: nn.Module, fsdp, compile_towers=("student", "teacher")) -> 
                     blocks[i] = blk = checkpoint_wrapper(blk)
                 if fsdp.compile and name in compile_towers:
                     blk.compile(mode=mode)
+            if fsdp.compile and name in compile_towers and hasattr(mod, "skip_unread_tokens"):
+                mod.skip_unread_tokens = False  # compiled blocks keep static shapes: the read rows vary
 
 
 BACKENDS = {"ddp": DDPBackend, "fsdp2": FSDP2Backend, "deepspeed": DeepSpeedBackend}

@@ -1,0 +1,209 @@
+"""The ViT's layers: patch embedding, attention, MLP / SwiGLU, LayerScale and the pre-norm block with
+sample-wise stochastic depth (model/vit.py builds the backbone from them). Pure PyTorch; parameter
+names are the released DINOv2 checkpoints'.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .drop_path import add_subset_residual
+
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+
+
+def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0) -> int:
+    """SwiGLU hidden width as in the released ViT-g: 2/3 of the MLP width, rounded up to a multiple of 8."""
+    hidden = int(dim * mlp_ratio)
+    return (int(hidden * 2 / 3) + 7) // 8 * 8
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # B, N, D
+
+
+def scaled_linear(x: Tensor, lin: nn.Linear, scale: Tensor | float | None) -> Tensor:
+    """lin(x) * scale (per output feature, or one number), with the scale applied to the weight and
+    bias ([out, in] elements) instead of to the output ([tokens, out]): a residual branch's LayerScale
+    and stochastic-depth factor cost no pass over the activations, forward or backward."""
+    if scale is None:
+        return lin(x)
+    col = scale.unsqueeze(-1) if isinstance(scale, Tensor) else scale
+    return F.linear(x, lin.weight * col, lin.bias * scale)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """qkv [B, N, 3 * C] -> q, k, v [B, heads, N, C / heads] (views). Backward writes the three
+    gradients straight into one [B, N, 3 * C] tensor: one pass, where autograd's backward of
+    reshape-permute-unbind stacks them (a pass) and copies the stack back to qkv's layout (another)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_heads: int):
+        B, N, C3 = qkv.shape
+        t = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads))
+        ctx.shape = t.shape
+        return tuple(t[:, :, i].transpose(1, 2) for i in range(3))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        out = next(g for g in grads if g is not None).new_empty(ctx.shape)
+        for i, g in enumerate(grads):
+            out[:, :, i].copy_(g.transpose(1, 2)) if g is not None else out[:, :, i].zero_()
+        return out.flatten(2), None
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, out_scale: Tensor | float | None = None,
+                rows: Tensor | None = None) -> Tensor:
+        """[B, N, C] -> [B, N, C]; with `rows` (flat indices into the B * N tokens, each sample's CLS
+        first, see Block), only those tokens' outputs [len(rows), C]: keys and values come from every
+        token, queries only from CLS where CLS is all that is read."""
+        B, N, C = x.shape
+        q, k, v = _SplitHeads.apply(self.qkv(x), self.num_heads)
+        cls_only = rows is not None and rows.shape[0] == B
+        if cls_only:
+            q, N = q[:, :, :1], 1
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # CPU in bf16/fp16 (autocast on AMX): two batched matmuls and a softmax, as the reference's
+            # Attention. SDPA's CPU flash kernel is 2-4x slower there (bench/model.py --dtype bf16; its
+            # softmax rounds to the same bf16 output); fp32 and accelerators keep the fused kernel.
+            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B * N, C)
+        if rows is not None and not cls_only:
+            x = x[rows]
+        return scaled_linear(x if rows is not None else x.view(B, N, C), self.proj, out_scale)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
+        return scaled_linear(self.act(self.fc1(x)), self.fc2, out_scale)
+
+
+class SwiGLU(nn.Module):
+    """w12 -> split (x1, x2) -> silu(x1) * x2 -> w3 (the released ViT-g FFN)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, out_scale: Tensor | float | None = None) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return scaled_linear(F.silu(x1) * x2, self.w3, out_scale)
+
+
+class LayerScale(nn.Module):
+    """The per-channel scale of a residual branch (`gamma`); `Block` folds it into the branch's output
+    projection (`scaled_linear`), so this module only holds the parameter under the released name."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Stochastic depth drops whole samples: in training the residual
+    branch is computed only on the kept subset of the batch and rescaled (as the reference does),
+    which saves the dropped samples' compute.
+
+    `forward` accepts a tensor or a list of tensors (one per resolution) so that a sharded block is
+    gathered once for all crops of a step.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_layer: str, mlp_ratio: float = 4.0,
+                 layerscale_init: float | None = 1e-5, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        if ffn_layer == "mlp":
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        elif ffn_layer in ("swiglu", "swiglufused"):
+            self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
+        else:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; use one of {FFN_LAYERS}")
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+        self.drop_path = float(drop_path)
+
+    @staticmethod
+    def _out_scale(ls: nn.Module, drop_scale: float) -> Tensor | float | None:
+        """LayerScale's gamma times the stochastic-depth factor, or None where both are 1."""
+        if isinstance(ls, LayerScale):
+            return ls.gamma if drop_scale == 1.0 else ls.gamma * drop_scale
+        return None if drop_scale == 1.0 else drop_scale
+
+    def _attn_branch(self, x: Tensor, drop_scale: float = 1.0) -> Tensor:
+        """ls1(attn(norm1(x))) * drop_scale."""
+        return self.attn(self.norm1(x), self._out_scale(self.ls1, drop_scale))
+
+    def _ffn_branch(self, x: Tensor, drop_scale: float = 1.0) -> Tensor:
+        """ls2(mlp(norm2(x))) * drop_scale."""
+        return self.mlp(self.norm2(x), self._out_scale(self.ls2, drop_scale))
+
+    def _residual(self, x: Tensor, branch) -> Tensor:
+        if not (self.training and self.drop_path > 0.0):
+            return x + branch(x)
+        B = x.shape[0]
+        keep = max(int(B * (1.0 - self.drop_path)), 1)
+        idx = torch.randperm(B, device=x.device)[:keep]
+        if x.device.type == "cpu":
+            return add_subset_residual(x, idx, branch, B / keep)
+        out = branch(x[idx], B / keep)  # accelerators: no host sync for the run boundaries
+        return torch.index_add(x, 0, idx, out.to(x.dtype))
+
+    def _forward_one(self, x: Tensor) -> Tensor:
+        x = self._residual(x, self._attn_branch)
+        return self._residual(x, self._ffn_branch)
+
+    def _forward_read(self, x: Tensor, read: Tensor) -> Tensor:
+        """The block's output at each sample's CLS token and at the flat token rows `read` (into
+        [B * N]): [B + len(read), C]. The same numbers as `_forward_one(x).flatten(0, 1)` at those rows
+        (the same samples dropped), but the attention output projection, the MLP and their norms
+        run on those rows only. A dropped sample's rows get a branch factor of 0, a kept one's B / keep."""
+        B, N, C = x.shape
+        rows = torch.cat([torch.arange(B, device=x.device) * N, read])
+        factors = [None, None]
+        if self.training and self.drop_path > 0.0:
+            keep = max(int(B * (1.0 - self.drop_path)), 1)
+            for i in range(2):  # drawn in _residual's order: attention's samples, then the MLP's
+                f = x.new_zeros(B)
+                f[torch.randperm(B, device=x.device)[:keep]] = B / keep
+                factors[i] = f[rows // N].unsqueeze(1)
+        y = self.attn(self.norm1(x), self._out_scale(self.ls1, 1.0), rows)
+        h = x.flatten(0, 1)[rows] + (y if factors[0] is None else y * factors[0])
+        y = self.mlp(self.norm2(h), self._out_scale(self.ls2, 1.0))
+        return h + (y if factors[1] is None else y * factors[1])
+
+    def forward(self, x: Tensor | list[Tensor],
+                read: Tensor | list[Tensor | None] | None = None) -> Tensor | list[Tensor]:
+        """x: [B, N, C], or a list (one per resolution). `read` (per input): None for every token's
+        output, or flat token rows, for [B + len(read), C]: the CLS tokens, then those rows."""
+        if isinstance(x, (list, tuple)):
+            read = read if read is not None else [None] * len(x)
+            return [self._forward_one(t) if r is None else self._forward_read(t, r) for t, r in zip(x, read)]
+        return self._forward_one(x) if read is None else self._forward_read(x, read)
