@@ -13,7 +13,9 @@ MFU is reported twice, against the bf16 matmul peak measured in this run:
 - model: the backbone FLOPs of the step as if every sample ran every block (model.ssl_flops_per_image;
   the usual MFU, and the figure earlier rounds reported);
 - done: the FLOPs the step actually does. Stochastic depth runs a dropped sample's residual branches
-  not at all (model/vit.py), so at drop_path_rate 0.4 the student's blocks do ~60% of the model FLOPs.
+  not at all (model/layers.py), so at drop_path_rate 0.4 the student's blocks do ~60% of the model FLOPs.
+  It still counts every token in the last block, which runs only on the tokens a loss reads
+  (Block._forward_read; uncompiled variants): an over-count of up to ~3/4 of one block of `depth`.
 Heads and losses are counted in neither.
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ def step_flops(arch: str, depth: int, drop_path: float, B: int) -> tuple[float, 
         embed = 2 * (size // 14) ** 2 * 3 * 14 * 14 * dim
         return embed, (flops_per_image(arch, size) - embed) * depth / full
 
-    def kept(rows):  # model/vit.py Block._residual: max(int(rows * (1 - p)), 1) of `rows` samples
+    def kept(rows):  # model/layers.py Block._residual: max(int(rows * (1 - p)), 1) of `rows` samples
         return max(int(rows * (1.0 - drop_path)), 1) / rows if drop_path > 0 else 1.0
 
     (eg, bg), (el, bl) = parts(G), parts(L)

@@ -98,12 +98,17 @@ class DistillMetaArch(EMAMetaArch):
         loc = batch.get("local_crops")
         n_l = 0 if loc is None or loc.shape[0] == 0 else loc.shape[0] // B
 
+        # only CLS tokens are read from the local crops, and from every crop without the heads: the
+        # last blocks compute no other tokens (DinoVisionTransformer.forward_features_list)
+        cls_only = torch.zeros(0, dtype=torch.long, device=glob.device)
+        g_read = None if self.use_heads else cls_only
         with torch.no_grad():
-            t_out = self.teacher["backbone"].forward_features(glob)
+            t_out = self.teacher["backbone"].forward_features(glob, read=g_read)
         if n_l and self.use_heads:
-            s_outs = self.student["backbone"].forward_features_list([glob, normalize_images(loc)], [None, None])
+            s_outs = self.student["backbone"].forward_features_list(
+                [glob, normalize_images(loc)], [None, None], [None, cls_only])
         else:
-            s_outs = [self.student["backbone"].forward_features(glob)]
+            s_outs = [self.student["backbone"].forward_features(glob, read=g_read)]
         s_gcls = s_outs[0]["x_norm_clstoken"]
         koleo = sum(L.koleo_loss(c) for c in s_gcls.chunk(n_g))
         zero = s_gcls.sum() * 0.0

@@ -270,7 +270,10 @@ def ssl_flops_per_image(arch: str, patch_size: int = 14, global_size: int = 224,
                         ffn_layer: str | None = None) -> float:
     """Backbone FLOPs of one DINOv2 training step per source image: the student's forward and
     backward (3x forward) over all crops plus the teacher's forward over the global crops.
-    Heads and losses are excluded. Divide achieved FLOP/s by the peak for MFU."""
+    Heads and losses are excluded. Divide achieved FLOP/s by the peak for MFU. Counted as the
+    reference computes the step (every token through every block); dinoray's last blocks skip the
+    tokens no loss reads (Block._forward_read), so FLOP/s from this count are work-equivalent, a few
+    percent above the arithmetic actually done (about 1/depth of the backbone's work is skipped at most)."""
     def f(size):
         return flops_per_image(arch, size, patch_size, num_register_tokens, ffn_layer)
     student = n_global * f(global_size) + (n_local * f(local_size) if n_local else 0.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import SSLMetaArch
+from model import DistillMetaArch, SSLMetaArch
 from model import losses as L
 from model.drop_path import add_subset_residual
 from model.layers import Block
@@ -105,19 +105,25 @@ def test_block_on_read_rows_equals_full_block_at_those_rows(drop_path, n_read):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_ssl_step_reading_only_the_lost_tokens_equals_the_full_last_block():
-    """SSLMetaArch's backbones compute their last block only at the tokens its losses read (CLS, masked
-    patches; `skip_unread_tokens`): the loss and every gradient equal those of full last blocks,
-    with registers and stochastic depth on."""
+@pytest.mark.parametrize("arch", ["ssl", "distill", "distill_no_heads"])
+def test_step_reading_only_the_lost_tokens_equals_the_full_last_block(arch):
+    """The meta-archs' backbones compute their last block only at the tokens the losses read (CLS,
+    masked patches; `skip_unread_tokens`): the loss and every gradient equal those of full last
+    blocks, with registers and stochastic depth on."""
     cfg = dict(arch="vit_pico", patch_size=4, img_size=32, head_n_prototypes=64, head_hidden_dim=48,
                head_bottleneck_dim=16, num_register_tokens=2, drop_path_rate=0.3, layerscale_init=0.5)
+    if arch != "ssl":
+        cfg.update(teacher_arch="vit_pico", feature_loss_weight=1.0)
+    if arch == "distill_no_heads":
+        cfg.update(dino_loss_weight=0.0, ibot_loss_weight=0.0)
     g = torch.Generator().manual_seed(0)
     batch = {"global_crops": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
              "local_crops": torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)}
     batch.update(collate_masks(8, 8, g))
     assert 0 < batch["mask_indices_list"].numel() < 8 * 64
     torch.manual_seed(0)
-    m = SSLMetaArch(cfg)
+    m = SSLMetaArch(cfg) if arch == "ssl" else DistillMetaArch(cfg)
+    m.train()
     with torch.no_grad():
         for p in m.teacher.parameters():  # a teacher unlike the student: both towers' paths matter
             p.add_(torch.randn_like(p) * 0.1)
@@ -129,7 +135,8 @@ def test_ssl_step_reading_only_the_lost_tokens_equals_the_full_last_block():
         torch.manual_seed(5)
         loss, parts = m(batch, teacher_temp=0.05)
         loss.backward()
-        results.append([loss.detach()] + [parts[k] for k in sorted(parts)]
-                       + [p.grad.clone() for p in m.student.parameters()])
+        grads = {n: p.grad.clone() for n, p in m.student.named_parameters() if p.grad is not None}
+        results.append([loss.detach()] + [parts[k] for k in sorted(parts)] + [grads])
+    assert len(results[0][-1]) > 10 and results[0][-1].keys() == results[1][-1].keys()
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
