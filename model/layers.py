@@ -131,7 +131,9 @@ class Block(nn.Module):
     which saves the dropped samples' compute.
 
     `forward` accepts a tensor or a list of tensors (one per resolution) so that a sharded block is
-    gathered once for all crops of a step.
+    gathered once for all crops of a step. LayerScale and the stochastic-depth factor are folded into
+    each branch's output projection (`scaled_linear`). With `read`, a last block computes only the
+    tokens its caller reads (`_forward_read`).
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_layer: str, mlp_ratio: float = 4.0,
