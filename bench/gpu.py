@@ -88,7 +88,7 @@ def step_flops(arch: str, depth: int, drop_path: float, B: int) -> tuple[float, 
         embed = 2 * (size // 14) ** 2 * 3 * 14 * 14 * dim
         return embed, (flops_per_image(arch, size) - embed) * depth / full
 
-    def kept(rows):  # model/layers.py Block._residual: max(int(rows * (1 - p)), 1) of `rows` samples
+    def kept(rows):  # model/layers.py Block._draw_kept: max(int(rows * (1 - p)), 1) of `rows` samples
         return max(int(rows * (1.0 - drop_path)), 1) / rows if drop_path > 0 else 1.0
 
     (eg, bg), (el, bl) = parts(G), parts(L)

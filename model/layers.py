@@ -55,7 +55,10 @@ class _SplitHeads(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):
         out = next(g for g in grads if g is not None).new_empty(ctx.shape)
         for i, g in enumerate(grads):
-            out[:, :, i].copy_(g.transpose(1, 2)) if g is not None else out[:, :, i].zero_()
+            if g is None:
+                out[:, :, i].zero_()
+            else:
+                out[:, :, i].copy_(g.transpose(1, 2))
         return out.flatten(2), None
 
 
@@ -167,15 +170,18 @@ class Block(nn.Module):
         """ls2(mlp(norm2(x))) * drop_scale."""
         return self.mlp(self.norm2(x), self._out_scale(self.ls2, drop_scale))
 
+    def _draw_kept(self, B: int, device) -> tuple[Tensor, float]:
+        """Stochastic depth's kept samples of a batch of B (a random subset) and their factor B / keep."""
+        keep = max(int(B * (1.0 - self.drop_path)), 1)
+        return torch.randperm(B, device=device)[:keep], B / keep
+
     def _residual(self, x: Tensor, branch) -> Tensor:
         if not (self.training and self.drop_path > 0.0):
             return x + branch(x)
-        B = x.shape[0]
-        keep = max(int(B * (1.0 - self.drop_path)), 1)
-        idx = torch.randperm(B, device=x.device)[:keep]
+        idx, scale = self._draw_kept(x.shape[0], x.device)
         if x.device.type == "cpu":
-            return add_subset_residual(x, idx, branch, B / keep)
-        out = branch(x[idx], B / keep)  # accelerators: no host sync for the run boundaries
+            return add_subset_residual(x, idx, branch, scale)
+        out = branch(x[idx], scale)  # accelerators: no host sync for the run boundaries
         return torch.index_add(x, 0, idx, out.to(x.dtype))
 
     def _forward_one(self, x: Tensor) -> Tensor:
@@ -191,10 +197,10 @@ class Block(nn.Module):
         rows = torch.cat([torch.arange(B, device=x.device) * N, read])
         factors = [None, None]
         if self.training and self.drop_path > 0.0:
-            keep = max(int(B * (1.0 - self.drop_path)), 1)
             for i in range(2):  # drawn in _residual's order: attention's samples, then the MLP's
+                idx, scale = self._draw_kept(B, x.device)
                 f = x.new_zeros(B)
-                f[torch.randperm(B, device=x.device)[:keep]] = B / keep
+                f[idx] = scale
                 factors[i] = f[rows // N].unsqueeze(1)
         y = self.attn(self.norm1(x), self._out_scale(self.ls1, 1.0), rows)
         h = x.flatten(0, 1)[rows] + (y if factors[0] is None else y * factors[0])
