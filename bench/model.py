@@ -3,8 +3,7 @@
 
 Run (from the repo root):
     .venv/bin/python bench/model.py --reference /tmp/dinov2-ref          # ViT-S/14, both rows
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
-      .venv/bin/python bench/model.py --reference /tmp/dinov2-ref        # the same, compute alone (CPU)
+    .venv/bin/python bench/model.py --reference /tmp/dinov2-ref --default-allocator  # glibc as it comes
     .venv/bin/python bench/model.py --archs vit_tiny --repeats 2          # model/ only, quick
 
 The reference is the released DINOv2 code (facebookresearch/dinov2). Its licence (CC-BY-NC) keeps it
@@ -43,16 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import SSLMetaArch, flops_per_image, native_bf16, ssl_flops_per_image  # noqa: E402
 from model.masking import collate_masks  # noqa: E402
 from model.schedules import param_groups  # noqa: E402
+from orchestrator.training.setup import keep_freed_memory  # noqa: E402
 
 
-# glibc returns freed blocks over its (dynamic) mmap threshold to the OS, and the next tensor of that
-# size page-faults again; how often depends on what ran before, so on CPU a row's time swings with it
-# (the reference's more than model/'s: docs/training.md, third CPU round). With these set, nothing is
-# returned and the ratio is compute alone.
-ALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
-ALLOC_FIXED = "glibc fixed (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000): ratios are compute alone"
-ALLOC_DEFAULT = ("glibc default: page faults of large tensors vary from run to run and move the ratio; "
-                 "prefix MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 for compute alone")
+# On CPU both rows run with glibc keeping freed memory, as the training workers do
+# (orchestrator.training.setup.keep_freed_memory): the ratio is compute alone. With glibc's default a
+# row's time swings with page faults that depend on what ran before, the reference's more than model/'s
+# (docs/training.md, third CPU round); --default-allocator shows that.
 
 
 def make_batch(B, n_local, gsize, lsize, patch, device, seed=0):
@@ -246,6 +242,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="model/ row: torch.compile each block's residual branches (give --warmup 2: compiling)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one model/ step")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="CPU: leave glibc's allocator as it comes (freed memory returned, page faults each step)")
     args = p.parse_args(argv)
     if args.reference:
         sys.path.insert(0, str(Path(args.reference).resolve()))
@@ -255,8 +253,10 @@ def main(argv=None):
           f"threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"dtype {dtype}", flush=True)
     if args.device == "cpu":
-        print("allocator: " + (ALLOC_FIXED if all(os.environ.get(k) == v for k, v in ALLOC_ENV.items())
-                               else ALLOC_DEFAULT), flush=True)
+        kept = not args.default_allocator and keep_freed_memory()
+        print("allocator: " + ("glibc keeps freed memory, as the training workers: ratios are compute alone" if kept
+                               else "glibc default: page faults of large tensors vary from run to run and move "
+                                    "the ratio"), flush=True)
     for arch in args.archs.split(","):
         bench_arch(arch, args, dtype, args.device)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

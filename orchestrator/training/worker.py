@@ -28,7 +28,8 @@ from model import LOSS_PARTS, schedules
 from orchestrator.layout import PhaseDir
 from orchestrator.pipeline import config
 from orchestrator.training import backends, checkpoint, elastic, records
-from orchestrator.training.setup import build_meta, make_loader, step_schedules, train_flops_per_image
+from orchestrator.training.setup import (build_meta, keep_freed_memory, make_loader, step_schedules,
+                                         train_flops_per_image)
 
 
 @dataclasses.dataclass
@@ -138,6 +139,7 @@ def start(cfg: dict) -> Worker:
     torch.set_num_threads(max(1, job.cpus_per_worker))
     if not job.use_gpu:  # bitwise-reproducible resume on CPU; GPUs keep their fast kernels
         torch.use_deterministic_algorithms(True, warn_only=True)
+        keep_freed_memory()  # no page faults through each step's fresh activations
     meta = build_meta(job, resolved, cfg["student_arch"], teacher=cfg["teacher"])
     backend = backends.build(meta, job, device, optim, accum)
     sched = step_schedules(optim, resolved.phase.steps)
