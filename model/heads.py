@@ -9,6 +9,31 @@ from torch import Tensor, nn
 from .losses import Targets, prototype_cross_entropy
 
 
+class _WeightNorm(torch.autograd.Function):
+    """w = g * v / ||v|| per row, written once in the compute dtype (bf16 under autocast), so the [K, D]
+    prototypes are not scaled in float32 and then cast for the matmul. Backward in float32 (float64
+    stays float64), three passes over [K, D]: with u = v / ||v||, dg = sum(dw * u) and
+    dv = g / ||v|| * (dw - u * dg)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
+        acc = torch.promote_types(v.dtype, torch.float32)  # float32 (float64 stays float64, for gradcheck)
+        inv = torch.linalg.vector_norm(v.to(acc), dim=1, keepdim=True).reciprocal_()
+        w = torch.empty(v.shape, dtype=dtype, device=v.device)
+        torch.mul(v, g.to(acc) * inv, out=w)
+        ctx.save_for_backward(v, g, inv)
+        return w
+
+    @staticmethod
+    def backward(ctx, dw: Tensor):
+        v, g, inv = ctx.saved_tensors
+        vf, dwf = v.to(inv.dtype), dw.to(inv.dtype, copy=True)
+        dg = torch.bmm(dwf.unsqueeze(1), vf.unsqueeze(2)).view(-1, 1).mul_(inv)  # row dots, no [K, D] temporary
+        scale = g.to(inv.dtype) * inv
+        dv = dwf.mul_(scale).addcmul_(vf, -scale * inv * dg)
+        return dv.to(v.dtype), dg.to(g.dtype), None
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| (per output row).
 
@@ -33,8 +58,9 @@ class WeightNormLinear(nn.Module):
     def forward(self, x: Tensor, targets: Targets | None = None, temp: float = 1.0) -> Tensor:
         """Logits x @ w^T [N, out]; with `targets`, instead the rows' cross entropies of their targets
         against logits / temp [N] (`prototype_cross_entropy`: the logits are not kept)."""
-        v = self.weight_v
-        w = v * (self.weight_g / torch.linalg.vector_norm(v.float(), dim=1, keepdim=True).to(v.dtype))
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.weight_v.dtype
+        w = _WeightNorm.apply(self.weight_v, self.weight_g, dtype)
         if targets is not None:
             return prototype_cross_entropy(x, w, targets, temp)
         return F.linear(x, w)

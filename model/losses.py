@@ -64,16 +64,16 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     below every prototype's best), the log-domain algorithm (`sinkhorn_knopp_log`) computes the result
     instead, on every rank.
     """
-    x = teacher_logits.float()  # B_local x K, a new tensor from here on (the input stays as it is)
-    x = x.div_(teacher_temp) if x is not teacher_logits else x / teacher_temp
+    x = teacher_logits  # B_local x K in its own dtype (bf16 under autocast); read, never written
     if x.shape[0]:
-        m = x.amax(dim=0, keepdim=True)
+        m = x.amax(dim=0, keepdim=True).float()  # max(x / T) = max(x) / T: the max of the raw logits
     else:
-        m = x.new_full((1, x.shape[1]), float("-inf"))
+        m = torch.full((1, x.shape[1]), float("-inf"), device=x.device)
     if _world(process_group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = x.sub_(m).exp_()  # every prototype's largest entry (over the global batch) is 1
+    # float32 from here: the subtraction promotes a bf16 input as it writes the new matrix (no copy first)
+    e = torch.sub(x, m).div_(teacher_temp).exp_()  # every prototype's largest entry (over the global batch) is 1
     K = e.shape[1]
     b = e.new_ones(e.shape[0], 1)
     a = e.new_ones(K, 1)

@@ -1,6 +1,7 @@
 """The CPU step's faster paths give the numbers of the plain ones (within fp32 tolerance):
 stochastic depth by contiguous runs vs index_add, LayerScale folded into the projections, the last
-block on the read tokens only, Sinkhorn-Knopp by scaling vectors vs the log domain."""
+block on the read tokens only, Sinkhorn-Knopp by scaling vectors vs the log domain (and on bf16 logits
+without a float32 copy), the prototypes' weight norm written once in the compute dtype."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from model import DistillMetaArch, SSLMetaArch
 from model import losses as L
 from model.drop_path import add_subset_residual
+from model.heads import WeightNormLinear, _WeightNorm
 from model.layers import Block
 from model.masking import collate_masks
 
@@ -70,6 +72,47 @@ def test_sinkhorn_scaling_equals_log_domain():
         got, want = L.sinkhorn_knopp(x, temp), L.sinkhorn_knopp_log(x, temp)
         torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
         torch.testing.assert_close(got.sum(1), torch.ones(B), atol=1e-5, rtol=0)
+
+
+def test_sinkhorn_of_bf16_logits_equals_their_float32_copy():
+    """bf16 teacher logits (autocast) are promoted inside the first subtraction, not copied to float32 first."""
+    x = (torch.randn(300, 4096, generator=torch.Generator().manual_seed(1)) * 0.3).bfloat16()
+    got = L.sinkhorn_knopp(x, 0.04)
+    assert got.dtype == torch.float32 and x.dtype == torch.bfloat16
+    torch.testing.assert_close(got, L.sinkhorn_knopp(x.float(), 0.04), atol=0, rtol=0)
+
+
+def test_weight_norm_gradients_in_float64():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(40, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    gain = (torch.rand(40, 1, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, gain: _WeightNorm.apply(v, gain, torch.float64), (v, gain))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_prototype_layer_equals_plain_weight_norm(autocast):
+    """Logits and the gradients of weight_v, weight_g and the input against v * g / ||v|| through
+    autograd (under bf16 autocast: the weight is written in bf16 once instead of cast for the matmul)."""
+    torch.manual_seed(0)
+    layer = WeightNormLinear(16, 300)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 1.5)
+    x = torch.randn(12, 16)
+    outs = []
+    for plain in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if plain:
+                v = layer.weight_v
+                y = torch.nn.functional.linear(xi, v * (layer.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True)))
+            else:
+                y = layer(xi)
+        (y.float() * torch.linspace(-1, 1, 300)).sum().backward()
+        outs.append([y.float(), xi.grad, layer.weight_v.grad, layer.weight_g.grad])
+    tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
+    for want, got in zip(*outs):
+        torch.testing.assert_close(got, want, **tol)
 
 
 def test_sinkhorn_falls_back_to_log_domain_where_exp_underflows():
