@@ -14,8 +14,8 @@ What it does, in one process (no Ray, so no per-phase start-up cost):
   3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
      --set) on the train shards without labels: the worker loop of orchestrator/training/worker.py
      (schedules -> loss under the job's autocast -> backward -> clip -> AdamW -> EMA), on one rank
-     with the global batch and glibc keeping freed memory as in a worker, for --minutes of training, with the schedules fitted to that budget from
-     the measured step time
+     with the global batch, the process set up as a CPU worker's, for --minutes of training,
+     with the schedules fitted to that budget from the measured step time
      (after --fit-after steps, then again at each k-NN point from the steps since the last fit);
   4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and
      prints the curve: step, images seen, training seconds (k-NN time excluded), k-NN top-1.
@@ -220,13 +220,13 @@ def main(argv=None) -> int:
 
     t_wall = time.perf_counter()
     torch.set_num_threads(args.threads)
-    kept = setup.keep_freed_memory()  # as the training workers (and the DataLoader processes forked from here)
+    host = setup.prepare_cpu_process()  # as the training workers (and the DataLoader processes forked from here)
     sets = ([] if args.no_bench_sets else list(BENCH_SETS)) + args.set
     if args.steps:
         sets.append(f"phases.pretrain.steps={args.steps}")
     job = config.load_job(args.job, sets)
     r = config.resolve(job, "pretrain")
-    print(f"job {args.job} + {sets}; glibc keeps freed memory: {kept}", flush=True)
+    print(f"job {args.job} + {sets}; CPU process: {host}", flush=True)
     print(f"model {json.dumps(config.model_cfg(r))}\ncrops {r.crops}\noptim {r.optim}", flush=True)
 
     t0 = time.perf_counter()

@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import SSLMetaArch, flops_per_image, native_bf16, ssl_flops_per_image  # noqa: E402
 from model.masking import collate_masks  # noqa: E402
 from model.schedules import param_groups  # noqa: E402
-from orchestrator.training.setup import keep_freed_memory  # noqa: E402
+from orchestrator.training.setup import prepare_cpu_process  # noqa: E402
 
 
-# On CPU both rows run with glibc keeping freed memory, as the training workers do
-# (orchestrator.training.setup.keep_freed_memory): the ratio is compute alone. With glibc's default a
-# row's time swings with page faults that depend on what ran before, the reference's more than model/'s
-# (docs/training.md, third CPU round); --default-allocator shows that.
+# On CPU both rows run in a process set up as the training workers' (orchestrator.training.setup.
+# prepare_cpu_process: glibc keeps freed memory, subnormals flushed to zero): the ratio is compute
+# alone. With glibc's default a row's time swings with page faults that depend on what ran before, the
+# reference's more than model/'s (docs/training.md, third CPU round); --default-allocator shows that.
 
 
 def make_batch(B, n_local, gsize, lsize, patch, device, seed=0):
@@ -253,10 +253,9 @@ def main(argv=None):
           f"threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"dtype {dtype}", flush=True)
     if args.device == "cpu":
-        kept = not args.default_allocator and keep_freed_memory()
-        print("allocator: " + ("glibc keeps freed memory, as the training workers: ratios are compute alone" if kept
-                               else "glibc default: page faults of large tensors vary from run to run and move "
-                                    "the ratio"), flush=True)
+        host = prepare_cpu_process(keep_memory=not args.default_allocator)
+        print(f"CPU process as the training workers' {host}" + ("" if host["keep_freed_memory"] else
+              "; glibc default: page faults of large tensors vary from run to run and move the ratio"), flush=True)
     for arch in args.archs.split(","):
         bench_arch(arch, args, dtype, args.device)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

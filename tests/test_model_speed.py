@@ -105,7 +105,8 @@ def test_prototype_layer_equals_plain_weight_norm(autocast):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if plain:
                 v = layer.weight_v
-                y = torch.nn.functional.linear(xi, v * (layer.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True)))
+                w = v * (layer.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+                y = torch.nn.functional.linear(xi, w)
             else:
                 y = layer(xi)
         (y.float() * torch.linspace(-1, 1, 300)).sum().backward()
@@ -113,6 +114,20 @@ def test_prototype_layer_equals_plain_weight_norm(autocast):
     tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
     for want, got in zip(*outs):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_sinkhorn_gives_zero_where_exp_would_be_subnormal():
+    """Spread logits and a sharp teacher put part of (x - max) / T below log(1.2e-38), where exp is
+    subnormal: those entries are 0 (no subnormal exp or matmul operands; slow on CPUs), every other
+    entry equals the log-domain algorithm's to 1e-4 relative, however small."""
+    x = torch.rand(300, 512, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = (x - x.amax(0)) / 0.02
+    assert ((z < -87.34) & (z > -103.98)).float().mean() > 0.05  # the subnormal band is populated
+    got, want = L.sinkhorn_knopp(x, 0.02), L.sinkhorn_knopp_log(x, 0.02)
+    assert (got[z < -87.34] == 0).all()
+    normal = want > 1e-30
+    torch.testing.assert_close(got[normal], want[normal], atol=0, rtol=1e-4)
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
 
 
 def test_sinkhorn_falls_back_to_log_domain_where_exp_underflows():

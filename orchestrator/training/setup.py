@@ -29,7 +29,7 @@ def keep_freed_memory() -> bool:
     By default glibc serves large blocks (above a threshold that moves between 128 KiB and 32 MiB)
     with mmap and unmaps them when freed, and trims the heap's free top: a training step on CPU then
     page-faults through every fresh activation, step after step (an fp32 [256, 65, 512] GELU took
-    14 ms against 4.5 ms once the memory was kept; bench/learn.py's step 0.52 -> 0.46 s). With mmap off
+    14 ms against 4.5 ms once the memory was kept; docs/training.md, fourth CPU round). With mmap off
     and trimming off the process holds its peak, as PyTorch's caching allocators do on accelerators.
     Call it in CPU-training processes only; returns False where the C library is not glibc.
     """
@@ -39,6 +39,30 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1  # -1: never trim (mallopt(3))
+
+
+def flush_subnormals() -> bool:
+    """Flush subnormal floats to zero (torch.set_flush_denormal) and check it on every intra-op thread.
+
+    The setting is per thread: intra-op threads started before this call keep computing subnormals, so
+    call it before the process's first parallel op. Returns True only if a multiply split over all
+    threads flushed its subnormal inputs."""
+    if not torch.set_flush_denormal(True):
+        return False
+    tiny = torch.ones(32768 * 4 * torch.get_num_threads(), dtype=torch.int32).view(torch.float32)  # 1.4e-45
+    return bool(((tiny * 1.5).view(torch.int32) == 0).all())
+
+
+def prepare_cpu_process(keep_memory: bool = True) -> dict[str, bool]:
+    """What a CPU training process sets before its first step; returns what took effect.
+
+    - glibc keeps freed memory (`keep_freed_memory`; skipped with keep_memory=False);
+    - subnormal floats are flushed to zero (`flush_subnormals`): a matmul with subnormal operands ran
+      ~190x slower here, elementwise ops ~10x (docs/training.md, fourth CPU round). Values under
+      1.2e-38 become 0, as on GPUs' fast paths.
+    """
+    return {"keep_freed_memory": keep_memory and keep_freed_memory(),
+            "flush_subnormals": flush_subnormals()}
 
 
 def _interp_pos_embed(pe: torch.Tensor, n_tokens: int) -> torch.Tensor:

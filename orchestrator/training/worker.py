@@ -28,7 +28,7 @@ from model import LOSS_PARTS, schedules
 from orchestrator.layout import PhaseDir
 from orchestrator.pipeline import config
 from orchestrator.training import backends, checkpoint, elastic, records
-from orchestrator.training.setup import (build_meta, keep_freed_memory, make_loader, step_schedules,
+from orchestrator.training.setup import (build_meta, make_loader, prepare_cpu_process, step_schedules,
                                          train_flops_per_image)
 
 
@@ -137,9 +137,10 @@ def start(cfg: dict) -> Worker:
                                  f"workers; `dinoray validate` lists the worker counts that can")
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.set_num_threads(max(1, job.cpus_per_worker))
+    host = {}
     if not job.use_gpu:  # bitwise-reproducible resume on CPU; GPUs keep their fast kernels
         torch.use_deterministic_algorithms(True, warn_only=True)
-        keep_freed_memory()  # no page faults through each step's fresh activations
+        host = prepare_cpu_process()  # glibc keeps freed memory; subnormals flushed (before any parallel op)
     meta = build_meta(job, resolved, cfg["student_arch"], teacher=cfg["teacher"])
     backend = backends.build(meta, job, device, optim, accum)
     sched = step_schedules(optim, resolved.phase.steps)
@@ -159,7 +160,8 @@ def start(cfg: dict) -> Worker:
     _start_metrics(worker, restart, extras)
     worker.flops = train_flops_per_image(resolved, cfg["student_arch"] or resolved.model.arch)
     print(f"{phase_dir.key}: rank {rank} of {world}, {accum} micro-batch(es) of "
-          f"{optim.batch_size // (world * accum)} images per step, from step {worker.state.step}")
+          f"{optim.batch_size // (world * accum)} images per step, from step {worker.state.step}"
+          + (f"; CPU process {host}" if host else ""))
     return worker
 
 
