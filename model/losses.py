@@ -75,7 +75,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     # float32 from here: the subtraction promotes a bf16 input as it writes the new matrix (no copy first)
     z = torch.sub(x, m).div_(teacher_temp)
     # exp of z below log(smallest normal) is subnormal (or 0): 0 instead, as flush-to-zero would give, since
-    # a CPU's exp takes ~50x longer there and matmuls with subnormal operands ~100x (docs/training.md,
+    # a CPU's exp takes ~50x longer there and matmuls with subnormal operands ~190x (docs/training.md,
     # fourth CPU round); sharp teachers (T = 0.02-0.04) put much of z there once the logits spread
     e = F.threshold_(z, math.log(torch.finfo(z.dtype).tiny), float("-inf")).exp_()  # each prototype's max is 1
     K = e.shape[1]
