@@ -30,14 +30,15 @@ print(json.dumps({"kept": kept, "faults": faults}))
 """
 
 
-def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+def _run(script: str, mode: str) -> dict:
+    """Run `script` in a fresh interpreter with `mode` as its argument; its last stdout line as JSON."""
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_freed_tensors_are_reused_without_page_faults():
-    default, kept = _probe("default"), _probe("keep")
+    default, kept = _run(_PROBE, "default"), _run(_PROBE, "keep")
     assert kept["kept"] is True
     # by default every fresh 64 MiB tensor is a new mapping: each of its pages faults again
     assert all(f >= 0.9 * PAGES for f in default["faults"][4:]), default
@@ -60,13 +61,8 @@ print(json.dumps({"host": host, "nonzero": int((y.view(torch.int32) != 0).sum())
 """
 
 
-def _subnormal_probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _SUBNORMAL_PROBE, mode], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_subnormals_are_flushed_on_every_thread_and_the_check_is_honest():
-    default, prepared, late = _subnormal_probe("default"), _subnormal_probe("first"), _subnormal_probe("late")
+    default, prepared, late = (_run(_SUBNORMAL_PROBE, mode) for mode in ("default", "first", "late"))
     assert default["nonzero"] == default["n"] and default["exp"] > 0  # subnormals computed as they are
     assert prepared["host"] == {"keep_freed_memory": False, "flush_subnormals": True}
     assert prepared["nonzero"] == 0 and prepared["exp"] == 0.0, prepared
