@@ -81,10 +81,11 @@ class Attention(nn.Module):
         cls_only = rows is not None and rows.shape[0] == B
         if cls_only:
             q, N = q[:, :, :1], 1
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            # CPU in bf16/fp16 (autocast on AMX): two batched matmuls and a softmax, as the reference's
-            # Attention. SDPA's CPU flash kernel is 2-4x slower there (bench/model.py --dtype bf16; its
-            # softmax rounds to the same bf16 output); fp32 and accelerators keep the fused kernel.
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad:
+            # CPU in bf16/fp16 (autocast on AMX) with a backward to come (the student): two batched
+            # matmuls and a softmax, as the reference's Attention. Forward + backward of SDPA's CPU flash
+            # kernel is 2-5x slower there (its bf16 backward), while its forward alone is 20-25% faster:
+            # the teacher, evaluation and export keep the kernel, as do fp32 and accelerators.
             x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
         else:
             x = F.scaled_dot_product_attention(q, k, v)

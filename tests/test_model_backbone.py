@@ -171,8 +171,9 @@ def test_residual_stream_stays_fp32_under_bf16_autocast():
 
 
 def test_cpu_bf16_attention_matches_fused_kernel():
-    """On CPU in bf16 the attention is two matmuls and a softmax (the fused kernel is slower there);
-    outputs and gradients stay within bf16 rounding of SDPA in float32."""
+    """On CPU in bf16 the student's attention (a backward to come) is two matmuls and a softmax (the
+    fused kernel's backward is slower there), the teacher's (no grad) SDPA's forward; outputs and
+    gradients stay within bf16 rounding of SDPA in float32."""
     torch.manual_seed(0)
     attn = build_backbone("vit_pico", img_size=16, patch_size=4).blocks[0].attn
     x = torch.randn(3, 17, attn.qkv.in_features)
@@ -185,3 +186,14 @@ def test_cpu_bf16_attention_matches_fused_kernel():
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
     assert (g - ref_g).abs().max() <= 3e-2 * ref_g.abs().max()
+    # the matmul form, exactly (what the student's backward needs)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = attn.qkv(x).view(3, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        by_matmul = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        by_kernel = F.scaled_dot_product_attention(q, k, v)
+        as_out = lambda a: attn.proj(a.transpose(1, 2).reshape(3, 17, -1))  # noqa: E731
+        assert torch.equal(out, as_out(by_matmul))
+        # without a backward to come (teacher, evaluation): SDPA's forward, faster there
+        no_grad_out = attn(x)
+        assert not torch.equal(by_matmul, by_kernel)  # the two forms round differently: the check can fail
+        assert torch.equal(no_grad_out, as_out(by_kernel))
