@@ -68,6 +68,43 @@ def test_crop_params_match_torchvision_statistics():
     assert A.crop_params(rng, 10, 1000, (0.9, 1.0)) == (0, 493, 10, 13)  # torchvision's centre fallback
 
 
+def _pil_crops(images, boxes, flips, size):
+    """torchvision's resized_crop on PIL images: crop, bicubic resize, then the horizontal flip."""
+    out = []
+    for img, bb, ff in zip(images, boxes, flips):
+        for (y0, x0, y1, x1), flip in zip(bb.tolist(), ff):
+            im = Image.fromarray(img).crop((x0, y0, x1, y1)).resize((size, size), Image.BICUBIC)
+            out.append(np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).int()
+
+
+def test_batched_resampling_matches_the_per_crop_kernel_and_pil(cifar):
+    """Equal-size small images (CIFAR) resample all crops of a batch at once by matrix products, in the
+    order of torch's per-crop uint8 kernel (rows, then columns; the path for other images): equal to it
+    up to its fixed-point rounding, and at least as close to PIL's crop + bicubic resize + flip. (Pillow
+    13 runs the vertical pass first for some crops taller than wide that it shrinks; both differ from it
+    there by the clipping between the two passes.)"""
+    mc = _multicrop(global_size=32, local_size=16, n_local=4)
+    rng = np.random.default_rng(5)
+    plans = [mc.plan_image(d, rng) for d in cifar]
+    images, boxes, flips = [p[0] for p in plans], np.stack([p[1] for p in plans]), np.stack([p[2] for p in plans])
+    assert flips.any() and not flips.all() and len({b.tobytes() for b in boxes.reshape(-1, 4)}) > 100
+    g, lc = mc.resize_crops(images, boxes, flips)
+    assert set(mc._tables) == {(32, 32), (16, 32)}  # the batched path ran
+    per_crop = _multicrop(global_size=32, local_size=16, n_local=4)
+    g2, lc2 = per_crop.resize_crops([np.pad(images[0], ((0, 1), (0, 0), (0, 0)))] + images[1:], boxes, flips)
+    assert not per_crop.__dict__.get("_tables")  # two image sizes: crop by crop
+    for ours, kernel, size, sl in ((g, g2, 32, slice(0, 2)), (lc, lc2, 16, slice(2, 6))):
+        d = (ours[1:].int() - kernel[1:].int()).abs()
+        assert d.max() <= 2 and (d == 0).float().mean() > 0.995
+        pil = _pil_crops(images[1:], boxes[1:, sl], flips[1:, sl], size)
+        d_ours, d_kernel = ((x[1:].flatten(0, 1).int() - pil).abs() for x in (ours, kernel))
+        assert d_ours.max() <= 2 and d_ours.float().mean() < 0.05
+        assert (d_ours > 0).sum() <= (d_kernel > 0).sum()
+    one = mc.crop_image(cifar[0], np.random.default_rng(5))  # one image: the same plan, the same pixels
+    assert torch.equal(one[0], g[0]) and torch.equal(one[1], lc[0])
+
+
 @pytest.mark.parametrize("op,pil", [(0, ImageEnhance.Brightness), (1, ImageEnhance.Contrast), (2, ImageEnhance.Color)])
 def test_linear_jitter_ops_match_pil(op, pil):
     arr = _img(op)

@@ -226,32 +226,25 @@ class MultiCropLoader:
     # ------------------------------------------------------------------------------- batch
     def _make_batch(self, raw, epoch, j, last_good):
         rng = np.random.default_rng([self.seed, epoch, self.rank, j])
-        glob, loc, labels, keys, bad = [], [], [], [], 0
+        plans, bad = [], 0
         for s in raw:
-            res = self._decode_sample(s, rng)
-            if res is None:
+            plan_ = self._plan_sample(s, rng)
+            if plan_ is None:
                 bad += 1
             else:
-                glob.append(res[0])
-                loc.append(res[1])
-                labels.append(res[2])
-                keys.append(s.get("__key__"))
+                plans.append(plan_)
                 last_good = s
-        if not glob:
+        if not plans:
             if last_good is None:
                 raise DataBudgetError(f"batch {j} of epoch {epoch} (rank {self.rank}) has no decodable sample; "
                                       f"run `dinoray shards verify` on {storage.redact(str(self.urls))}")
-            res = self._decode_sample(last_good, rng)
-            glob, loc, labels, keys = [res[0]], [res[1]], [res[2]], [last_good.get("__key__")]
-        n_ok = len(glob)
-        for k in range(self.B - n_ok):  # fill the places of corrupt samples with valid ones of this batch
-            glob.append(glob[k % n_ok])
-            loc.append(loc[k % n_ok])
-            labels.append(labels[k % n_ok])
-            keys.append(keys[k % n_ok])
-        g = torch.stack(glob, 1).flatten(0, 1)  # crop-major: crop 0 of every image, then crop 1 ...
-        lc = torch.stack(loc, 1).flatten(0, 1) if self.aug.n_local else \
-            torch.zeros(0, 3, self.aug.L, self.aug.L, dtype=torch.uint8)
+            plans = [self._plan_sample(last_good, rng)]
+        n_ok = len(plans)
+        plans += [plans[k % n_ok] for k in range(self.B - n_ok)]  # corrupt samples' places: valid ones of this batch
+        images, boxes, flips, labels, keys = zip(*plans)
+        g, lc = self.aug.resize_crops(list(images), np.stack(boxes), np.stack(flips))
+        g = g.transpose(0, 1).flatten(0, 1)  # crop-major: crop 0 of every image, then crop 1 ...
+        lc = lc.transpose(0, 1).flatten(0, 1)
         g, lc = self.aug.photometric(g, lc, rng)
         from model.masking import collate_masks
 
@@ -262,17 +255,18 @@ class MultiCropLoader:
         batch = {"global_crops": g, "local_crops": lc, **masks, "labels": torch.tensor(labels, dtype=torch.int64),
                  "_skipped": bad, "_index": j}
         if self.with_keys:
-            batch["keys"] = keys
+            batch["keys"] = list(keys)
         return batch, last_good
 
-    def _decode_sample(self, s, rng):
+    def _plan_sample(self, s, rng):
+        """(image, crop boxes, flips, label, key) of one sample (see MultiCrop.plan_image), None if corrupt."""
         if s is None:
             return None
         image = sample_image(s)
         if image is None:
             return None
         try:
-            g, lc = self.aug.crop_image(image[1], rng)
+            planned = self.aug.plan_image(image[1], rng)
         except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt sample
             log.debug("corrupt sample skipped: %s", e)
             return None
@@ -280,7 +274,7 @@ class MultiCropLoader:
             label = int(s["cls"]) if "cls" in s else -1
         except ValueError:
             label = -1
-        return g, lc, label
+        return (*planned, label, s.get("__key__"))
 
     # ---------------------------------------------------------------------------- iterate
     def _check_budget(self, final: bool) -> None:
