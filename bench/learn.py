@@ -14,7 +14,8 @@ What it does, in one process (no Ray, so no per-phase start-up cost):
   3. pretrains the job's `pretrain` phase (model, crops, optim of the job file, then BENCH_SETS, then
      --set) on the train shards without labels: the worker loop of orchestrator/training/worker.py
      (schedules -> loss under the job's autocast -> backward -> clip -> AdamW -> EMA), on one rank
-     with the global batch, the process set up as a CPU worker's, for --minutes of training,
+     with the global batch, the process set up as a CPU worker's (batches made in this process between
+     steps unless --loader-workers), for --minutes of training,
      with the schedules fitted to that budget from the measured step time
      (after --fit-after steps, then again at each k-NN point from the steps since the last fit);
   4. runs the k-NN on the EMA teacher's backbone (what the pipeline exports) at --evals points and

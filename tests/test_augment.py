@@ -93,7 +93,7 @@ def test_batched_resampling_matches_the_per_crop_kernel_and_pil(cifar):
     assert set(mc._tables) == {(32, 32), (16, 32)}  # the batched path ran
     per_crop = _multicrop(global_size=32, local_size=16, n_local=4)
     g2, lc2 = per_crop.resize_crops([np.pad(images[0], ((0, 1), (0, 0), (0, 0)))] + images[1:], boxes, flips)
-    assert not per_crop.__dict__.get("_tables")  # two image sizes: crop by crop
+    assert not per_crop._tables  # two image sizes: crop by crop
     for ours, kernel, size, sl in ((g, g2, 32, slice(0, 2)), (lc, lc2, 16, slice(2, 6))):
         d = (ours[1:].int() - kernel[1:].int()).abs()
         assert d.max() <= 2 and (d == 0).float().mean() > 0.995

@@ -141,6 +141,7 @@ class MultiCrop:
         self.blur_p, self.solarize_p = tuple(blur_p), solarize_p
         self.jitter, self.jitter_p, self.gray_p = tuple(jitter), jitter_p, gray_p
         self.dct_scaling = dct_scaling
+        self._tables: dict[tuple[int, int], torch.Tensor] = {}  # resampling weights by (crop size, image side)
 
     @classmethod
     def from_cfg(cls, crops: dict) -> "MultiCrop":
@@ -226,14 +227,13 @@ class MultiCrop:
     def _table(self, out: int, size: int) -> torch.Tensor:
         """[size + 1, size + 1, out, size] float32: the weights of every source range [lo, hi), made
         once per (out, size) and kept on this MultiCrop."""
-        tables = self.__dict__.setdefault("_tables", {})
-        if (out, size) not in tables:
+        if (out, size) not in self._tables:
             lo, hi = np.meshgrid(np.arange(size + 1), np.arange(size + 1), indexing="ij")
             ok = hi > lo
             t = np.zeros((size + 1, size + 1, out, size), np.float32)
             t[ok] = resample_weights(lo[ok], hi[ok], out, size)
-            tables[(out, size)] = torch.from_numpy(t)
-        return tables[(out, size)]
+            self._tables[(out, size)] = torch.from_numpy(t)
+        return self._tables[(out, size)]
 
     def crop_image(self, data: bytes, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode + crop + resize + flip one image -> (uint8 [n_global,3,G,G], uint8 [n_local,3,L,L])."""
