@@ -111,7 +111,7 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
 
 
-def resample_weights(lo, hi, out: int, size: int) -> np.ndarray:
+def _resample_weights(lo, hi, out: int, size: int) -> np.ndarray:
     """[n, out, size]: PIL's antialiased bicubic weights taking the source pixels [lo, hi) of an axis of
     `size` pixels to `out` pixels, zero elsewhere (crop, then resize: torchvision's resized_crop on a PIL
     image never reads outside the crop). Shrinking widens the filter by the scale; rows sum to 1."""
@@ -127,7 +127,8 @@ def resample_weights(lo, hi, out: int, size: int) -> np.ndarray:
 
 
 class MultiCrop:
-    """DINOv2 multi-crop. `crop_image` (per image, geometric) + `photometric` (batched, per crop)."""
+    """DINOv2 multi-crop: `plan_image` (per image: crop boxes, flips, decode) + `resize_crops` (per batch,
+    geometric) + `photometric` (per batch, per crop); `crop_image` is the geometric part for one image."""
 
     def __init__(self, *, global_size: int, local_size: int, n_global: int, n_local: int, global_scale,
                  local_scale, blur_p, solarize_p: float, jitter=JITTER, jitter_p: float = 0.8, gray_p: float = 0.2,
@@ -231,7 +232,7 @@ class MultiCrop:
             lo, hi = np.meshgrid(np.arange(size + 1), np.arange(size + 1), indexing="ij")
             ok = hi > lo
             t = np.zeros((size + 1, size + 1, out, size), np.float32)
-            t[ok] = resample_weights(lo[ok], hi[ok], out, size)
+            t[ok] = _resample_weights(lo[ok], hi[ok], out, size)
             self._tables[(out, size)] = torch.from_numpy(t)
         return self._tables[(out, size)]
 
