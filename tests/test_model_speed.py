@@ -1,6 +1,6 @@
 """The CPU step's faster paths give the numbers of the plain ones (within fp32 tolerance):
 stochastic depth by contiguous runs vs index_add, LayerScale folded into the projections, the last
-block on the read tokens only, Sinkhorn-Knopp by scaling vectors vs the log domain (and on bf16 logits
+block on the read tokens only, the patch embedding as one matrix product, Sinkhorn-Knopp by scaling vectors vs the log domain (and on bf16 logits
 without a float32 copy), the prototypes' weight norm written once in the compute dtype."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from model import DistillMetaArch, SSLMetaArch
 from model import losses as L
 from model.drop_path import add_subset_residual
 from model.heads import WeightNormLinear, _WeightNorm
-from model.layers import Block
+from model.layers import Block, PatchEmbed
 from model.masking import collate_masks
 
 
@@ -36,6 +36,25 @@ def test_subset_residual_equals_index_add_values_and_gradients():
             grads.append((y.detach(), x.grad, lin.weight.grad.clone(), lin.bias.grad.clone()))
         for want, got in zip(*grads):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("patch,size", [(4, (32, 32)), (14, (98, 98)), (14, (224, 210)), (8, (35, 29))])
+def test_patch_embed_equals_its_convolution_values_and_gradients(patch, size):
+    """PatchEmbed's matrix product gives the released Conv2d's tokens and gradients, also where the
+    image does not divide into patches (the convolution drops the border: so must we)."""
+    torch.manual_seed(0)
+    pe = PatchEmbed(patch, 3, 24).double()  # float64: the sums' order differs, the sums do not
+    outs = []
+    for fn in (lambda x: pe.proj(x).flatten(2).transpose(1, 2), pe):
+        x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                        requires_grad=True)
+        pe.zero_grad()
+        y = fn(x)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y))
+        outs.append((y.detach(), x.grad, pe.proj.weight.grad.clone(), pe.proj.bias.grad.clone()))
+    assert outs[1][0].shape == (3, (size[0] // patch) * (size[1] // patch), 24)
+    for want, got in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("layerscale", [0.5, None])
