@@ -47,25 +47,25 @@ CROP_KEYS = ("global_size", "local_size", "n_global", "n_local", "global_scale",
              "solarize_p")
 
 
-def crop_params(rng: np.random.Generator, height: int, width: int, scale, ratio=RATIO):
-    """torchvision RandomResizedCrop.get_params with a numpy Generator: (top, left, h, w)."""
-    area = height * width
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_r[0], log_r[1]))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def crop_params(rng: np.random.Generator, sizes, scale, ratio=RATIO) -> np.ndarray:
+    """torchvision RandomResizedCrop.get_params for n crops at once, with a numpy Generator: sizes [n, 2]
+    (each crop's image height, width) -> int64 [n, 4] (top, left, h, w). Each crop keeps the first of its
+    10 (area, log-aspect) draws that fits its image, else torchvision's centred fallback."""
+    hw = np.asarray(sizes, np.int64).reshape(-1, 2)
+    n, H, W = len(hw), hw[:, :1], hw[:, 1:]
+    target = (H * W) * rng.uniform(scale[0], scale[1], (n, 10))
+    aspect = np.exp(rng.uniform(math.log(min(ratio)), math.log(max(ratio)), (n, 10)))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    rows, first = np.arange(n), fits.argmax(1)
+    hit, H, W = fits[rows, first], H[:, 0], W[:, 0]
+    wide, tall = W / H > max(ratio), W / H < min(ratio)  # fallback: the whole image, aspect clamped to ratio
+    h = np.where(hit, h[rows, first], np.where(tall, np.round(W / min(ratio)).astype(np.int64), H))
+    w = np.where(hit, w[rows, first], np.where(wide, np.round(H * max(ratio)).astype(np.int64), W))
+    top = np.where(hit, rng.integers(0, H - h + 1), (H - h) // 2)
+    left = np.where(hit, rng.integers(0, W - w + 1), (W - w) // 2)
+    return np.stack([top, left, h, w], 1)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -127,8 +127,8 @@ def _resample_weights(lo, hi, out: int, size: int) -> np.ndarray:
 
 
 class MultiCrop:
-    """DINOv2 multi-crop: `plan_image` (per image: crop boxes, flips, decode) + `resize_crops` (per batch,
-    geometric) + `photometric` (per batch, per crop); `crop_image` is the geometric part for one image."""
+    """DINOv2 multi-crop: `plan_images` (per batch: crop boxes and flips drawn, images decoded) + `resize_crops`
+    (per batch, geometric) + `photometric` (per batch, per crop); `crop_image` is the geometric part for one image."""
 
     def __init__(self, *, global_size: int, local_size: int, n_global: int, n_local: int, global_scale,
                  local_scale, blur_p, solarize_p: float, jitter=JITTER, jitter_p: float = 0.8, gray_p: float = 0.2,
@@ -157,31 +157,49 @@ class MultiCrop:
         return cls(**crops)
 
     # ------------------------------------------------------------------------------ geometric
-    def plan_image(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Draw one image's crops and decode it: (image uint8 HxWx3, boxes [n_crops, 4] as (y0, x0, y1, x1)
-        in the decoded image's pixels, horizontal flips [n_crops]); globals first, then locals."""
-        H, W = image_size(data)
-        boxes = [crop_params(rng, H, W, self.global_scale) for _ in range(self.n_global)]
-        boxes += [crop_params(rng, H, W, self.local_scale) for _ in range(self.n_local)]
-        sizes = [self.G] * self.n_global + [self.L] * self.n_local
-        flips = rng.random(len(boxes)) < 0.5
+    def plan_images(self, datas: list[bytes], rng: np.random.Generator) -> list:
+        """Draw the crops of a batch's images (all at once) and decode each image: per image (uint8 HxWx3,
+        boxes [n_crops, 4] as (y0, x0, y1, x1) in the decoded image's pixels, horizontal flips [n_crops]),
+        globals first, then locals; or the exception where its header or pixels do not decode (the loader
+        skips that sample, `crop_image` raises it)."""
+        plans, sizes = [None] * len(datas), {}
+        for k, data in enumerate(datas):
+            try:
+                sizes[k] = image_size(data)
+            except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt image
+                plans[k] = e
+        ok, ng, nl = list(sizes), self.n_global, self.n_local
+        hw = np.array([sizes[k] for k in ok], np.int64).reshape(-1, 2)
+        boxes = np.concatenate([crop_params(rng, np.repeat(hw, ng, 0), self.global_scale).reshape(len(ok), ng, 4),
+                                crop_params(rng, np.repeat(hw, nl, 0), self.local_scale).reshape(len(ok), nl, 4)], 1)
+        flips = rng.random((len(ok), ng + nl)) < 0.5
+        top, left, h, w = np.moveaxis(boxes, -1, 0)  # [n, n_crops] each
         # smallest decode scale that keeps every crop at >= its output resolution
-        need = max(min(1.0, s / min(h, w)) for (_, _, h, w), s in zip(boxes, sizes))
-        factor = 1
-        if self.dct_scaling:
-            while factor < 8 and need * factor * 2 <= 1.0:
-                factor *= 2
-        img = decode(data, math.ceil(H / factor), math.ceil(W / factor)) if factor > 1 else decode(data)
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"decoded image has shape {img.shape}, expected HxWx3")
-        hd, wd = img.shape[:2]
-        sy, sx = hd / H, wd / W
-        out = np.empty((len(boxes), 4), np.int64)
-        for k, (i, j, h, w) in enumerate(boxes):
-            y0, x0 = int(round(i * sy)), int(round(j * sx))
-            out[k] = (y0, x0, max(y0 + 1, min(hd, int(round((i + h) * sy)))),
-                      max(x0 + 1, min(wd, int(round((j + w) * sx)))))
-        return img, out, flips
+        need = np.minimum(1.0, np.array([self.G] * ng + [self.L] * nl) / np.minimum(h, w)).max(1)
+        factor = np.ones(len(ok), np.int64)
+        for _ in range(3 if self.dct_scaling else 0):
+            factor = np.where(need * factor * 2 <= 1.0, factor * 2, factor)
+        decoded = hw.astype(np.float64)  # decoded height, width (the header's where decoding fails)
+        for n, k in enumerate(ok):
+            H, W = sizes[k]
+            try:
+                f = int(factor[n])
+                img = decode(datas[k], math.ceil(H / f), math.ceil(W / f)) if f > 1 else decode(datas[k])
+                if img.ndim != 3 or img.shape[2] != 3:
+                    raise ValueError(f"decoded image has shape {img.shape}, expected HxWx3")
+                plans[k], decoded[n] = img, img.shape[:2]
+            except Exception as e:  # noqa: BLE001
+                plans[k] = e
+        hd, wd = decoded[:, :1], decoded[:, 1:]
+        sy, sx = hd / hw[:, :1], wd / hw[:, 1:]
+        y0, x0 = np.round(top * sy), np.round(left * sx)
+        y1 = np.maximum(y0 + 1, np.minimum(hd, np.round((top + h) * sy)))
+        x1 = np.maximum(x0 + 1, np.minimum(wd, np.round((left + w) * sx)))
+        pix = np.stack([y0, x0, y1, x1], -1).astype(np.int64)
+        for n, k in enumerate(ok):
+            if not isinstance(plans[k], Exception):
+                plans[k] = (plans[k], pix[n], flips[n])
+        return plans
 
     def resize_crops(self, images: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +256,10 @@ class MultiCrop:
 
     def crop_image(self, data: bytes, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode + crop + resize + flip one image -> (uint8 [n_global,3,G,G], uint8 [n_local,3,L,L])."""
-        img, boxes, flips = self.plan_image(data, rng)
+        plan = self.plan_images([data], rng)[0]
+        if isinstance(plan, Exception):
+            raise plan
+        img, boxes, flips = plan
         g, loc = self.resize_crops([img], boxes[None], flips[None])
         return g[0], loc[0]
 

@@ -55,6 +55,14 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: global batch and layouts (reshards on resume); 1 is still read
 
 
+def _label(sample: dict) -> int:
+    """A sample's class (its `cls` entry), -1 where it has none or it is not an integer."""
+    try:
+        return int(sample["cls"]) if "cls" in sample else -1
+    except ValueError:
+        return -1
+
+
 class DataBudgetError(RuntimeError):
     """Too many corrupt samples."""
 
@@ -226,19 +234,23 @@ class MultiCropLoader:
     # ------------------------------------------------------------------------------- batch
     def _make_batch(self, raw, epoch, j, last_good):
         rng = np.random.default_rng([self.seed, epoch, self.rank, j])
-        plans, bad = [], 0
-        for s in raw:
-            plan_ = self._plan_sample(s, rng)
-            if plan_ is None:
-                bad += 1
+        samples = [(s, im[1]) for s in raw if s is not None and (im := sample_image(s)) is not None]
+        plans = []
+        for (s, _), planned in zip(samples, self.aug.plan_images([data for _, data in samples], rng)):
+            if isinstance(planned, Exception):
+                log.debug("corrupt sample skipped: %s", planned)  # any decoder error means a corrupt sample
             else:
-                plans.append(plan_)
+                plans.append((*planned, _label(s), s.get("__key__")))
                 last_good = s
+        bad = len(raw) - len(plans)
         if not plans:
             if last_good is None:
                 raise DataBudgetError(f"batch {j} of epoch {epoch} (rank {self.rank}) has no decodable sample; "
                                       f"run `dinoray shards verify` on {storage.redact(str(self.urls))}")
-            plans = [self._plan_sample(last_good, rng)]
+            planned = self.aug.plan_images([sample_image(last_good)[1]], rng)[0]
+            if isinstance(planned, Exception):
+                raise planned
+            plans = [(*planned, _label(last_good), last_good.get("__key__"))]
         n_ok = len(plans)
         plans += [plans[k % n_ok] for k in range(self.B - n_ok)]  # corrupt samples' places: valid ones of this batch
         images, boxes, flips, labels, keys = zip(*plans)
@@ -257,24 +269,6 @@ class MultiCropLoader:
         if self.with_keys:
             batch["keys"] = list(keys)
         return batch, last_good
-
-    def _plan_sample(self, s, rng):
-        """(image, crop boxes, flips, label, key) of one sample (see MultiCrop.plan_image), None if corrupt."""
-        if s is None:
-            return None
-        image = sample_image(s)
-        if image is None:
-            return None
-        try:
-            planned = self.aug.plan_image(image[1], rng)
-        except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt sample
-            log.debug("corrupt sample skipped: %s", e)
-            return None
-        try:
-            label = int(s["cls"]) if "cls" in s else -1
-        except ValueError:
-            label = -1
-        return (*planned, label, s.get("__key__"))
 
     # ---------------------------------------------------------------------------- iterate
     def _check_budget(self, final: bool) -> None:
