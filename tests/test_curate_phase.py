@@ -36,7 +36,7 @@ from orchestrator.storage import Store
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 CLS_THRESHOLD = 0.95      # dedup on the smoke backbone's CLS (pipeline test): raw cosines of a semantic embedder
-COPY_STEPS, COPY_IMAGES, COPY_EDITS = 200, 4000, 2  # the copy-detection fine-tune (module doc)
+COPY_STEPS, COPY_IMAGES, COPY_EDITS = 400, 8000, 3  # the copy-detection fine-tune (module doc)
 # Copy detection (module doc): margins above the background after whitening, not raw cosines like the paper's
 # 0.6 / 0.45 (which belong to SSCD's own descriptor space); measured in docs/curation.md.
 THRESHOLD = 0.12
