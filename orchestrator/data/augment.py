@@ -179,7 +179,7 @@ class MultiCrop:
         factor = np.ones(len(ok), np.int64)
         for _ in range(3 if self.dct_scaling else 0):
             factor = np.where(need * factor * 2 <= 1.0, factor * 2, factor)
-        decoded = hw.astype(np.float64)  # decoded height, width (the header's where decoding fails)
+        images, decoded = {}, hw.astype(np.float64)  # decoded height, width (the header's where decoding fails)
         for n, k in enumerate(ok):
             H, W = sizes[k]
             try:
@@ -187,7 +187,7 @@ class MultiCrop:
                 img = decode(datas[k], math.ceil(H / f), math.ceil(W / f)) if f > 1 else decode(datas[k])
                 if img.ndim != 3 or img.shape[2] != 3:
                     raise ValueError(f"decoded image has shape {img.shape}, expected HxWx3")
-                plans[k], decoded[n] = img, img.shape[:2]
+                images[n], decoded[n] = img, img.shape[:2]
             except Exception as e:  # noqa: BLE001
                 plans[k] = e
         hd, wd = decoded[:, :1], decoded[:, 1:]
@@ -197,8 +197,8 @@ class MultiCrop:
         x1 = np.maximum(x0 + 1, np.minimum(wd, np.round((left + w) * sx)))
         pix = np.stack([y0, x0, y1, x1], -1).astype(np.int64)
         for n, k in enumerate(ok):
-            if not isinstance(plans[k], Exception):
-                plans[k] = (plans[k], pix[n], flips[n])
+            if n in images:
+                plans[k] = (images[n], pix[n], flips[n])
         return plans
 
     def resize_crops(self, images: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray
