@@ -5,6 +5,7 @@ Run (from the repo root):
     .venv/bin/python bench/model.py --reference /tmp/dinov2-ref          # ViT-S/14, both rows
     .venv/bin/python bench/model.py --reference /tmp/dinov2-ref --default-allocator  # glibc as it comes
     .venv/bin/python bench/model.py --archs vit_tiny --repeats 2          # model/ only, quick
+    .venv/bin/python bench/model.py --reference /tmp/dinov2-ref --dtype fp32 --peak   # against the GEMM peak
 
 The reference is the released DINOv2 code (facebookresearch/dinov2). Its licence (CC-BY-NC) keeps it
 out of this repository; fetch it once, without its pinned dependencies (our torch stays):
@@ -179,6 +180,35 @@ class RefStep:
         return loss
 
 
+def head_flops(embed_dim, batch, prototypes, n_local, hidden=2048, bottleneck=256):
+    """Head FLOPs of one step (the tied head, as both rows run it): the student's forward + backward
+    (3x) on its CLS rows (global and local crops) and masked patch rows, the teacher's forward on
+    its CLS and masked rows. Losses, Sinkhorn and the optimiser are left out."""
+    per_row = 2 * (embed_dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * prototypes)
+    n_cls, n_masked = batch["global_crops"].shape[0], batch["mask_indices_list"].numel()
+    n_loc = batch["local_crops"].shape[0] if n_local else 0
+    return per_row * (3 * (n_cls + n_loc + n_masked) + (n_cls + n_masked))
+
+
+def gemm_peak(embed_dim, tokens, dtype, device, repeats=5):
+    """The best FLOP/s of the backbone's own matrix products ([tokens x D] by the qkv, fc1, fc2 and
+    proj weights, forward and weight-gradient layouts) in this process: the rate no step can beat."""
+    cdt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    best = 0.0
+    for k, n in ((embed_dim, 3 * embed_dim), (embed_dim, 4 * embed_dim), (4 * embed_dim, embed_dim)):
+        for a, b in (((tokens, k), (k, n)), ((n, tokens), (tokens, k))):
+            x, w = torch.randn(*a, device=device).to(cdt), torch.randn(*b, device=device).to(cdt)
+            for _ in range(repeats):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                x @ w
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                best = max(best, 2 * a[0] * a[1] * b[1] / (time.perf_counter() - t0))
+    return best
+
+
 def bench_arch(arch, args, dtype, device):
     torch.manual_seed(0)
     steps = {"model/": OursStep(arch, args, device)}
@@ -216,6 +246,18 @@ def bench_arch(arch, args, dtype, device):
               f"{args.n_local}x{args.local_size}): {s:8.3f} s/step (median of {len(times[name])})"
               f"  {ips:6.3f} images/s  {ips * fl / 1e9:6.1f} backbone GFLOP/s"
               f"  {med_cpu[name]:8.3f} CPU-s/step", flush=True)
+    if args.peak:
+        n_tok = args.batch * 2 * ((args.global_size // args.patch_size) ** 2 + 1)
+        embed_dim = steps["model/"].model.student["backbone"].embed_dim
+        peak = gemm_peak(embed_dim, n_tok, dtype, device)
+        total = args.batch * fl + head_flops(embed_dim, batch, args.prototypes, args.n_local)
+        print(f"{arch:10s} {dtype} GEMM peak at the backbone's shapes {peak / 1e9:7.1f} GFLOP/s; backbone + head "
+              f"FLOPs {total / 1e9:.1f} GFLOP/step", flush=True)
+        for name, s in med.items():
+            print(f"{arch:10s} {name:9s} {total / s / 1e9:7.1f} GFLOP/s = {total / s / peak:5.1%} of the peak", flush=True)
+        if "reference" in med:
+            print(f"{arch:10s} 1.5x the reference needs {1.5 * total / med['reference'] / peak:5.1%} of the peak",
+                  flush=True)
     if "reference" in med:
         # on a shared machine the CPU seconds a step consumes vary less than its wall time
         print(f"{arch:10s} model/ vs reference: {med['reference'] / med['model/']:.2f}x images/s (wall),"
@@ -241,6 +283,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true",
                    help="model/ row: torch.compile each block's residual branches (give --warmup 2: compiling)")
+    p.add_argument("--peak", action="store_true",
+                   help="also time the backbone's GEMM shapes alone and print each row's share of that peak")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one model/ step")
     p.add_argument("--default-allocator", action="store_true",
                    help="CPU: leave glibc's allocator as it comes (freed memory returned, page faults each step)")
