@@ -108,12 +108,13 @@ def test_weight_norm_gradients_in_float64():
     assert torch.autograd.gradcheck(lambda v, gain: _WeightNorm.apply(v, gain, torch.float64), (v, gain))
 
 
+@pytest.mark.parametrize("n_out", [300, 2500])  # one block of rows; three, the last partial
 @pytest.mark.parametrize("autocast", [False, True])
-def test_prototype_layer_equals_plain_weight_norm(autocast):
+def test_prototype_layer_equals_plain_weight_norm(autocast, n_out):
     """Logits and the gradients of weight_v, weight_g and the input against v * g / ||v|| through
     autograd (under bf16 autocast: the weight is written in bf16 once instead of cast for the matmul)."""
     torch.manual_seed(0)
-    layer = WeightNormLinear(16, 300)
+    layer = WeightNormLinear(16, n_out)
     with torch.no_grad():
         layer.weight_g.uniform_(0.5, 1.5)
     x = torch.randn(12, 16)
@@ -128,7 +129,7 @@ def test_prototype_layer_equals_plain_weight_norm(autocast):
                 y = torch.nn.functional.linear(xi, w)
             else:
                 y = layer(xi)
-        (y.float() * torch.linspace(-1, 1, 300)).sum().backward()
+        (y.float() * torch.linspace(-1, 1, n_out)).sum().backward()
         outs.append([y.float(), xi.grad, layer.weight_v.grad, layer.weight_g.grad])
     tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
     for want, got in zip(*outs):
