@@ -254,7 +254,8 @@ def bench_arch(arch, args, dtype, device):
         print(f"{arch:10s} {dtype} GEMM peak at the backbone's shapes {peak / 1e9:7.1f} GFLOP/s; backbone + head "
               f"FLOPs {total / 1e9:.1f} GFLOP/step", flush=True)
         for name, s in med.items():
-            print(f"{arch:10s} {name:9s} {total / s / 1e9:7.1f} GFLOP/s = {total / s / peak:5.1%} of the peak", flush=True)
+            print(f"{arch:10s} {name:9s} {total / s / 1e9:7.1f} GFLOP/s = {total / s / peak:5.1%} of the peak",
+                  flush=True)
         if "reference" in med:
             print(f"{arch:10s} 1.5x the reference needs {1.5 * total / med['reference'] / peak:5.1%} of the peak",
                   flush=True)

@@ -145,6 +145,7 @@ def test_sinkhorn_gives_zero_where_exp_would_be_subnormal():
     assert ((z < -87.34) & (z > -103.98)).float().mean() > 0.05  # the subnormal band is populated
     got, want = L.sinkhorn_knopp(x, 0.02), L.sinkhorn_knopp_log(x, 0.02)
     assert (got[z < -87.34] == 0).all()
+    assert (got[z < L._EXP_FLOOR - 1e-3] == 0).all()  # up to log(smallest normal) + 1, where exp is still normal
     normal = want > 1e-30
     torch.testing.assert_close(got[normal], want[normal], atol=0, rtol=1e-4)
     torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
