@@ -180,11 +180,12 @@ class RefStep:
         return loss
 
 
-def head_flops(embed_dim, batch, prototypes, n_local, hidden=2048, bottleneck=256):
+def head_flops(head, batch, n_local):
     """Head FLOPs of one step (the tied head, as both rows run it): the student's forward + backward
     (3x) on its CLS rows (global and local crops) and masked patch rows, the teacher's forward on
-    its CLS and masked rows. Losses, Sinkhorn and the optimiser are left out."""
-    per_row = 2 * (embed_dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * prototypes)
+    its CLS and masked rows; per row, 2 x the head's weight elements (its linear layers and the
+    prototypes). Losses, Sinkhorn and the optimiser are left out."""
+    per_row = 2 * sum(p.numel() for n, p in head.named_parameters() if n.endswith(("weight", "weight_v")))
     n_cls, n_masked = batch["global_crops"].shape[0], batch["mask_indices_list"].numel()
     n_loc = batch["local_crops"].shape[0] if n_local else 0
     return per_row * (3 * (n_cls + n_loc + n_masked) + (n_cls + n_masked))
@@ -248,9 +249,9 @@ def bench_arch(arch, args, dtype, device):
               f"  {med_cpu[name]:8.3f} CPU-s/step", flush=True)
     if args.peak:
         n_tok = args.batch * 2 * ((args.global_size // args.patch_size) ** 2 + 1)
-        embed_dim = steps["model/"].model.student["backbone"].embed_dim
-        peak = gemm_peak(embed_dim, n_tok, dtype, device)
-        total = args.batch * fl + head_flops(embed_dim, batch, args.prototypes, args.n_local)
+        student = steps["model/"].model.student
+        peak = gemm_peak(student["backbone"].embed_dim, n_tok, dtype, device)
+        total = args.batch * fl + head_flops(student["dino_head"], batch, args.n_local)
         print(f"{arch:10s} {dtype} GEMM peak at the backbone's shapes {peak / 1e9:7.1f} GFLOP/s; backbone + head "
               f"FLOPs {total / 1e9:.1f} GFLOP/step", flush=True)
         for name, s in med.items():

@@ -65,8 +65,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     iterations). The global batch size B only rescales the sample step and cancels in the final B * Q.
 
     Computed as Q = diag(a) E diag(b) with E = exp(logits / T - per-prototype max) formed once and
-    only the scaling vectors a [K], b [B] iterated (matrix-vector products): two passes over the
-    [B, K] matrix plus one read per half-iteration, where normalising Q itself costs several. Where E
+    only the scaling vectors a [K], b [B] iterated (matrix-vector products): a few passes to form E
+    plus one read per half-iteration, where normalising Q itself costs several per iteration. Where E
     underflows so far that a scaling factor is not finite (a sample whose logits / T lie ~87 or more
     below every prototype's best), the log-domain algorithm (`sinkhorn_knopp_log`) computes the result
     instead, on every rank.
