@@ -72,6 +72,53 @@ class _SplitHeads(torch.autograd.Function):
         return out.flatten(2), None
 
 
+# The CPU matmul form's limit on the [B * heads, queries, keys] score tensor without a backward (the
+# teacher, evaluation): above it, SDPA's fused kernel, which never holds all scores at once.
+_SCORES_MAX_BYTES = 256 << 20
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v for q, k, v in qkv [B, N, 3 * C] -> [B, N, C] (heads merged), queries
+    from the first `n_q` tokens only (their rows of the output; 1: CLS). On CPU the reference's matmul
+    form, with fewer passes than autograd makes of it: q, k, v permuted to [B * heads, N, d] in one copy,
+    the scale applied inside the first matmul (`baddbmm`'s alpha), and a backward that writes the three
+    gradients into one [B, N, 3 * C] tensor. Outputs and gradients equal autograd's of the same ops bit
+    for bit (tests/test_model_backbone.py); forward + backward, 2 threads, bf16: [14, 257] tokens 0.78-0.81x
+    and [57, 50] 0.84-0.85x the time of autograd's, fp32 0.86-0.95x SDPA's (docs/training.md, ninth round)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_heads: int, n_q: int):
+        B, N, C3 = qkv.shape
+        d = C3 // (3 * num_heads)
+        t = qkv.view(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).reshape(3, B * num_heads, N, d)
+        q, k, v = t[0][:, :n_q], t[1], t[2]
+        p = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0.0, alpha=d ** -0.5).softmax(-1)
+        ctx.save_for_backward(t, p)
+        ctx.dims = (B, N, num_heads, d, n_q)
+        return torch.bmm(p, v).view(B, num_heads, n_q, d).transpose(1, 2).reshape(B, n_q, num_heads * d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        t, p = ctx.saved_tensors
+        B, N, H, d, n_q = ctx.dims
+        q, k, v = t[0][:, :n_q], t[1], t[2]
+        g = grad.view(B, n_q, H, d).transpose(1, 2).reshape(B * H, n_q, d)
+        empty = g.new_empty(1, 1, 1)
+        out = g.new_empty(B, N, 3, H, d)  # the gradient of qkv, its three parts written in place
+
+        def put(i: int, a: Tensor, n: int = N) -> None:  # [B * H, n, d] -> out[:, :n, i]
+            out[:, :n, i].copy_(a.view(B, H, n, d).transpose(1, 2))
+
+        put(2, torch.bmm(p.transpose(1, 2), g))  # dv = p^T g
+        ds = torch._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), p, -1, p.dtype)  # through softmax
+        del p
+        put(0, torch.baddbmm(empty, ds, k, beta=0.0, alpha=d ** -0.5), n_q)  # dq = ds k * scale
+        if n_q < N:
+            out[:, n_q:, 0].zero_()
+        put(1, torch.baddbmm(empty, ds.transpose(1, 2), q, beta=0.0, alpha=d ** -0.5))  # dk = ds^T q * scale
+        return out.view(B, N, 3 * H * d), None, None
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -87,19 +134,20 @@ class Attention(nn.Module):
         first, see Block), only those tokens' outputs [len(rows), C]: keys and values come from every
         token, queries only from CLS where CLS is all that is read."""
         B, N, C = x.shape
-        q, k, v = _SplitHeads.apply(self.qkv(x), self.num_heads)
+        qkv = self.qkv(x)
         cls_only = rows is not None and rows.shape[0] == B
-        if cls_only:
-            q, N = q[:, :, :1], 1
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad:
-            # CPU in bf16/fp16 (autocast on AMX) with a backward to come (the student): two batched
-            # matmuls and a softmax, as the reference's Attention. Forward + backward of SDPA's CPU flash
-            # kernel is 2-5x slower there (its bf16 backward), while its forward alone is 20-25% faster:
-            # the teacher, evaluation and export keep the kernel, as do fp32 and accelerators.
-            x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        n_q = 1 if cls_only else N
+        if x.device.type == "cpu" and (qkv.requires_grad or (qkv.dtype != torch.float32 and B * self.num_heads
+                                       * n_q * N * qkv.element_size() <= _SCORES_MAX_BYTES)):
+            # CPU: the matmul form, where a backward follows (SDPA's fused backward is 2-5x slower in
+            # bf16, 5-14% in fp32) and in bf16 / fp16 without one (5-20% faster than the fused forward,
+            # up to a score tensor of _SCORES_MAX_BYTES); fp32 without a backward keeps the kernel.
+            x = _MatmulAttention.apply(qkv, self.num_heads, n_q).view(B * n_q, C)
         else:
-            x = F.scaled_dot_product_attention(q, k, v)
-        x = x.transpose(1, 2).reshape(B * N, C)
+            q, k, v = _SplitHeads.apply(qkv, self.num_heads)
+            if cls_only:
+                q = q[:, :, :1]
+            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * n_q, C)
         if rows is not None and not cls_only:
             x = x[rows]
         return scaled_linear(x if rows is not None else x.view(B, N, C), self.proj, out_scale)
