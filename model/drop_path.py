@@ -46,9 +46,10 @@ def _kept_and_dropped(runs: list[tuple[int, int]], B: int) -> list[tuple[int, in
 
 
 def _scatter_runs(y: Tensor, base: Tensor | None, runs: list[tuple[int, int]], shape) -> Tensor:
-    """A new [B, ...] tensor: y's rows on the rows in runs (plus base's there, if given), base's rows
-    (or zeros) elsewhere. Each row is written once: no zero-fill or copy of the whole tensor first."""
-    out = y.new_empty(shape)
+    """A new [B, ...] tensor in base's dtype (y's without base): y's rows on the rows in runs (plus base's
+    there, if given), base's rows (or zeros) elsewhere. Each row is written once: no zero-fill or copy of
+    the whole tensor first, and a bf16 y is promoted inside the addition rather than by a cast first."""
+    out = (y if base is None else base).new_empty(shape)
     flat, yflat, pos = out.view(shape[0], -1), y.reshape(y.shape[0], -1), 0
     bflat = base.reshape(shape[0], -1) if base is not None else None
     for a, b, kept in _kept_and_dropped(runs, shape[0]):
@@ -103,5 +104,4 @@ def add_subset_residual(x: Tensor, idx: Tensor, branch, scale: float) -> Tensor:
     their backward: index_select, index_put into a zero-filled gradient) cost several passes each.
     """
     runs = _kept_runs(idx, x.shape[0])
-    out = branch(_TakeRuns.apply(x, runs), scale).to(x.dtype)
-    return _AddRuns.apply(x, out, runs)
+    return _AddRuns.apply(x, branch(_TakeRuns.apply(x, runs), scale), runs)

@@ -21,7 +21,10 @@ def _index_add_residual(x, idx, branch, scale):
     return torch.index_add(x, 0, idx, branch(x[idx]) * scale)
 
 
-def test_subset_residual_equals_index_add_values_and_gradients():
+@pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
+def test_subset_residual_equals_index_add_values_and_gradients(branch_dtype):
+    """Also with a bf16 branch on the float32 stream (autocast): the sum is float32, the branch's output
+    promoted inside the addition, the same numbers as casting it first."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16)
     for B, idx in ((8, [5, 0, 6, 2, 7, 1]), (8, [3]), (5, [4, 0, 1, 2, 3]), (6, [2, 3])):
@@ -30,12 +33,17 @@ def test_subset_residual_equals_index_add_values_and_gradients():
         for fn in (_index_add_residual, add_subset_residual):
             x = torch.randn(B, 4, 16, generator=torch.Generator().manual_seed(B), requires_grad=True)
             lin.zero_grad()
-            branch = lin if fn is _index_add_residual else (lambda t, s: lin(t) * s)
+            if fn is _index_add_residual:
+                branch = lambda t: lin(t).to(branch_dtype).float()  # noqa: E731
+            else:
+                branch = lambda t, s: (lin(t) * s).to(branch_dtype)  # noqa: E731
             y = fn(x, idx, branch, B / len(idx))
             y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+            assert y.dtype == torch.float32
             grads.append((y.detach(), x.grad, lin.weight.grad.clone(), lin.bias.grad.clone()))
+        tol = dict(atol=1e-6, rtol=1e-5) if branch_dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
         for want, got in zip(*grads):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("patch,size", [(4, (32, 32)), (14, (98, 98)), (14, (224, 210)), (8, (35, 29))])
