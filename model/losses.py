@@ -142,6 +142,10 @@ def update_center_(center: Tensor, teacher_logits: Tensor, momentum: float, proc
 # [2,400 x 131,072] iBOT logits are 1.2 GiB in float32).
 _CPU_BLOCK_BYTES = 1 << 20
 _ACCEL_BLOCK_BYTES = 256 << 20
+# On a CPU the [N, K] logits get a row stride of K + 64 elements: with K = 65,536 a row is 128 KiB in
+# bf16, a power of two, and the rows of a matmul's tile all fall in the same L1 cache sets. [699 x
+# 65,536] bf16, 2 threads, padded against unpadded: x @ w^T 0.86-0.99x, g @ w 0.89-0.97x, g^T @ x 0.85-0.94x.
+_CPU_ROW_PAD = 64
 
 
 class _PrototypeCrossEntropy(torch.autograd.Function):
@@ -166,7 +170,12 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
             raise ValueError(f"the target segments cover {n_rows} rows, the inputs have {x.shape[0]}")
         with torch.autocast(dev, enabled=False):
             xc, wc = x.to(cdt), w.to(cdt)
-            g = xc @ wc.t()  # logits, then (in place, block by block) their gradient
+            # logits, then (in place, block by block) their gradient
+            if dev == "cpu":
+                g = xc.new_empty(xc.shape[0], wc.shape[0] + _CPU_ROW_PAD)[:, :wc.shape[0]]
+                torch.mm(xc, wc.t(), out=g)
+            else:
+                g = xc @ wc.t()
             ce = torch.empty(g.shape[0], dtype=fdt, device=x.device)
             K = g.shape[1]
             step = max(1, (_CPU_BLOCK_BYTES if dev == "cpu" else _ACCEL_BLOCK_BYTES) // (4 * max(K, 1)))
