@@ -24,7 +24,8 @@ as orchestrator/training/backends.py should). Inputs are random uint8 crops; bot
 `--dtype auto` uses bf16 autocast where the CPU has native bf16 matmuls (AMX / AVX512-BF16) or on
 CUDA, fp32 otherwise (bf16 autocast is emulated and ~10x slower on AVX2-only CPUs).
 Prints the CPU capability, thread count and load, every step (wall and process CPU seconds: on a
-shared machine the CPU seconds vary less), the medians per row and the ratios, then analytical FLOPs.
+shared machine the CPU seconds vary less), the medians per row and the ratios (of the medians, and the median
+of each repeat's own ratio), then analytical FLOPs.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def bench_arch(arch, args, dtype, device):
     times: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(args.warmup + args.repeats):  # interleaved: rows share the machine's load alike
-        for name, step in steps.items():
+        order = list(steps.items())  # and in turns first (ABBA...): neither row always follows the other
+        for name, step in (order if rep % 2 == 0 else order[::-1]):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -261,9 +263,12 @@ def bench_arch(arch, args, dtype, device):
             print(f"{arch:10s} 1.5x the reference needs {1.5 * total / med['reference'] / peak:5.1%} of the peak",
                   flush=True)
     if "reference" in med:
-        # on a shared machine the CPU seconds a step consumes vary less than its wall time
+        # on a shared machine the CPU seconds a step consumes vary less than its wall time; the paired
+        # ratios (each repeat's two steps, run back to back) follow the host's drift less than the medians
+        pairs = sorted(r / m for r, m in zip(times["reference"], times["model/"]))
         print(f"{arch:10s} model/ vs reference: {med['reference'] / med['model/']:.2f}x images/s (wall),"
-              f" {med_cpu['reference'] / med_cpu['model/']:.2f}x (CPU seconds per step)", flush=True)
+              f" {med_cpu['reference'] / med_cpu['model/']:.2f}x (CPU seconds per step); paired:"
+              f" median {statistics.median(pairs):.2f}x, range {pairs[0]:.2f}-{pairs[-1]:.2f}x", flush=True)
 
 
 def main(argv=None):
