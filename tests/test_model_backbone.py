@@ -215,4 +215,3 @@ def test_cpu_attention_matmul_form_matches_autograd_and_kernel(dtype):
     assert (no_grad_out.float() - ref).abs().max() <= (2e-2 if bf16 else 1e-5) * ref.abs().max()
     assert not torch.equal(plain, by_kernel)  # the two forms round differently: the next check can fail
     assert torch.equal(no_grad_out, plain if bf16 else by_kernel)
-

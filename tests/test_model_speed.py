@@ -23,8 +23,9 @@ def _index_add_residual(x, idx, branch, scale):
 
 @pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
 def test_subset_residual_equals_index_add_values_and_gradients(branch_dtype):
-    """Also with a bf16 branch on the float32 stream (autocast): the sum is float32, the branch's output
-    promoted inside the addition, the same numbers as casting it first."""
+    """Also with a bf16 branch on the float32 stream (autocast): the sum stays float32, with the branch's
+    output promoted inside the addition (within bf16 rounding of index_add of the branch cast to float32:
+    the scale meets the branch before its rounding on one side, after it on the other)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 16)
     for B, idx in ((8, [5, 0, 6, 2, 7, 1]), (8, [3]), (5, [4, 0, 1, 2, 3]), (6, [2, 3])):
