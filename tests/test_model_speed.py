@@ -1,7 +1,8 @@
 """The CPU step's faster paths give the numbers of the plain ones (within fp32 tolerance):
-stochastic depth by contiguous runs vs index_add, LayerScale folded into the projections, the last
-block on the read tokens only, the patch embedding as one matrix product, Sinkhorn-Knopp by scaling vectors vs the log domain (and on bf16 logits
-without a float32 copy), the prototypes' weight norm written once in the compute dtype."""
+stochastic depth by contiguous runs vs index_add (also with a bf16 branch), LayerScale folded into the
+projections, the last block on the read tokens only, the patch embedding as one matrix product,
+Sinkhorn-Knopp by scaling vectors vs the log domain (and on bf16 logits without a float32 copy), the
+prototypes' weight norm written once in the compute dtype. The attention's matmul form: test_model_backbone."""
 
 from __future__ import annotations
 
