@@ -72,8 +72,8 @@ class _SplitHeads(torch.autograd.Function):
         return out.flatten(2), None
 
 
-# The CPU matmul form's limit on the [B * heads, queries, keys] score tensor without a backward (the
-# teacher, evaluation): above it, SDPA's fused kernel, which never holds all scores at once.
+# The CPU matmul form's limit on one attention's [B * heads, queries, keys] score tensor (held until the
+# backward where one follows): above it, SDPA's fused kernel, which never holds all scores at once.
 _SCORES_MAX_BYTES = 256 << 20
 
 
@@ -137,11 +137,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         cls_only = rows is not None and rows.shape[0] == B
         n_q = 1 if cls_only else N
-        if x.device.type == "cpu" and (qkv.requires_grad or (qkv.dtype != torch.float32 and B * self.num_heads
-                                       * n_q * N * qkv.element_size() <= _SCORES_MAX_BYTES)):
-            # CPU: the matmul form, where a backward follows (SDPA's fused backward is 2-5x slower in
-            # bf16, 5-14% in fp32) and in bf16 / fp16 without one (5-20% faster than the fused forward,
-            # up to a score tensor of _SCORES_MAX_BYTES); fp32 without a backward keeps the kernel.
+        scores = B * self.num_heads * n_q * N * qkv.element_size()
+        if (x.device.type == "cpu" and scores <= _SCORES_MAX_BYTES
+                and (qkv.requires_grad or qkv.dtype != torch.float32)):
+            # CPU, up to _SCORES_MAX_BYTES of scores: the matmul form where a backward follows (SDPA's
+            # fused backward is 2-5x slower in bf16, 5-14% in fp32) and in bf16 / fp16 without one (5-20%
+            # faster than the fused forward); fp32 without a backward keeps the kernel.
             x = _MatmulAttention.apply(qkv, self.num_heads, n_q).view(B * n_q, C)
         else:
             q, k, v = _SplitHeads.apply(qkv, self.num_heads)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ARCHS, DINOHead, build_backbone, build_hub_backbone, flops_per_image
+from model import layers
 from model.layers import Attention
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dinov2_hub_state_dicts.json"
@@ -182,11 +183,12 @@ def _plain_attention(attn, x, n_q=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_attention_matmul_form_matches_autograd_and_kernel(dtype):
+def test_cpu_attention_matmul_form_matches_autograd_and_kernel(dtype, monkeypatch):
     """On CPU the attention is the matmul form with a hand-written backward (`_MatmulAttention`)
     wherever a backward follows, and in bf16 without one. Its outputs and its input and qkv-weight
     gradients equal autograd's of the same ops exactly, every token's and CLS-only (a last block that
-    reads CLS); without grad it stays within rounding of SDPA in float32, and fp32 keeps SDPA's kernel."""
+    reads CLS); without grad it stays within rounding of SDPA in float32, and fp32 keeps SDPA's kernel,
+    as does every case whose score tensor passes the matmul form's memory limit."""
     torch.manual_seed(0)
     attn = Attention(384, 6)  # ViT-S: 64-wide heads
     x = torch.randn(3, 17, attn.qkv.in_features)
@@ -215,3 +217,9 @@ def test_cpu_attention_matmul_form_matches_autograd_and_kernel(dtype):
     assert (no_grad_out.float() - ref).abs().max() <= (2e-2 if bf16 else 1e-5) * ref.abs().max()
     assert not torch.equal(plain, by_kernel)  # the two forms round differently: the next check can fail
     assert torch.equal(no_grad_out, plain if bf16 else by_kernel)
+    monkeypatch.setattr(layers, "_SCORES_MAX_BYTES", 0)  # scores too large: SDPA's kernel, grad or not
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        assert torch.equal(attn(xg), by_kernel)
+        with torch.no_grad():
+            assert torch.equal(attn(x), by_kernel)
