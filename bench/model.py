@@ -6,6 +6,7 @@ Run (from the repo root):
     .venv/bin/python bench/model.py --reference /tmp/dinov2-ref --default-allocator  # glibc as it comes
     .venv/bin/python bench/model.py --archs vit_tiny --repeats 2          # model/ only, quick
     .venv/bin/python bench/model.py --reference /tmp/dinov2-ref --dtype fp32 --peak   # against the GEMM peak
+    .venv/bin/python bench/model.py --reference /tmp/dinov2-ref --dtype fp32 --gemms  # model/'s products alone
 
 The reference is the released DINOv2 code (facebookresearch/dinov2). Its licence (CC-BY-NC) keeps it
 out of this repository; fetch it once, without its pinned dependencies (our torch stays):
@@ -95,6 +96,49 @@ class OursStep:
         self.opt.zero_grad(set_to_none=True)
         self.model.update_ema_(0.994)
         return loss
+
+
+class GemmsStep:
+    """model/'s matrix products alone: every mm / addmm / bmm / baddbmm of one model/ step (recorded by a
+    dispatch mode, with their shapes, strides and dtypes), replayed on random data of that layout. No step
+    that does model/'s products can be faster, so reference / this row bounds what model/ can reach."""
+
+    name = "gemms"
+    OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self, ours, batch, dtype, device):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls, ops = [], {getattr(torch.ops.aten, op).default for op in self.OPS}
+        ops |= {getattr(torch.ops.aten, op).out for op in self.OPS}
+        meta = (lambda a: (a.shape, a.stride(), a.dtype, a.device) if torch.is_tensor(a) else a)
+
+        class Record(TorchDispatchMode):  # the layouts only: holding the tensors would keep the step's memory
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in ops:
+                    calls.append((func, [meta(a) for a in args], {k: meta(v) for k, v in (kwargs or {}).items()}))
+                return func(*args, **(kwargs or {}))
+
+        with Record():
+            ours(batch, dtype, device)
+        self.calls = [(f, [self._like(a) for a in args], {k: self._like(v) for k, v in kw.items()})
+                      for f, args, kw in calls]
+        self.flops = sum(2 * t[-2].numel() * t[-1].shape[-1] for t in
+                         ([a for a in args if torch.is_tensor(a)] for _, args, _ in self.calls))
+
+    @staticmethod
+    def _like(a):
+        """Random data in a recorded (shape, strides, dtype, device) layout; anything else as it was."""
+        if not (isinstance(a, tuple) and len(a) == 4 and isinstance(a[2], torch.dtype)):
+            return a
+        shape, stride, dtype, device = a
+        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 1
+        return torch.randn(extent, device=device).to(dtype).as_strided(shape, stride)
+
+    def __call__(self, batch, dtype, device):
+        for f, args, kw in self.calls:
+            f(*args, **kw)
+        return None  # no loss
 
 
 def _ref_features(backbone, x, masks, drop_add):
@@ -217,6 +261,10 @@ def bench_arch(arch, args, dtype, device):
     if args.reference:
         steps["reference"] = RefStep(arch, args, device)
     batch = make_batch(args.batch, args.n_local, args.global_size, args.local_size, args.patch_size, device)
+    if args.gemms:
+        steps["gemms"] = GemmsStep(steps["model/"], batch, dtype, device)
+        print(f"{arch} model/'s matrix products: {len(steps['gemms'].calls)} per step, "
+              f"{steps['gemms'].flops / 1e9:.1f} GFLOP", flush=True)
     times: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(args.warmup + args.repeats):  # interleaved: rows share the machine's load alike
@@ -230,8 +278,9 @@ def bench_arch(arch, args, dtype, device):
                 torch.cuda.synchronize()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             tag = "warmup" if rep < args.warmup else f"rep {rep - args.warmup}"
+            shown = f"  loss {loss.item():.4f}" if loss is not None else ""
             print(f"  {arch} {name:9s} {tag:6s} {dt:7.2f} s wall {dc:7.2f} s CPU  load {os.getloadavg()[0]:4.1f}"
-                  f"  loss {loss.item():.4f}", flush=True)
+                  f"{shown}", flush=True)
             if rep >= args.warmup:
                 times[name].append(dt)
                 cpu[name].append(dc)
@@ -261,6 +310,15 @@ def bench_arch(arch, args, dtype, device):
                   flush=True)
         if "reference" in med:
             print(f"{arch:10s} 1.5x the reference needs {1.5 * total / med['reference'] / peak:5.1%} of the peak",
+                  flush=True)
+    if "gemms" in med:
+        rate = steps["gemms"].flops / med["gemms"] / 1e9
+        print(f"{arch:10s} model/'s matrix products alone {med['gemms']:.3f} s/step, {rate:.1f} GFLOP/s: "
+              f"{med['gemms'] / med['model/']:.1%} of model/'s step", flush=True)
+        if "reference" in med:
+            bound = sorted(r / g for r, g in zip(times["reference"], times["gemms"]))
+            print(f"{arch:10s} the most model/ can be with these products: {med['reference'] / med['gemms']:.2f}x the "
+                  f"reference (paired: median {statistics.median(bound):.2f}x, range {bound[0]:.2f}-{bound[-1]:.2f}x)",
                   flush=True)
     if "reference" in med:
         # on a shared machine the CPU seconds a step consumes vary less than its wall time; the paired
@@ -292,6 +350,8 @@ def main(argv=None):
                    help="model/ row: torch.compile each block's residual branches (give --warmup 2: compiling)")
     p.add_argument("--peak", action="store_true",
                    help="also time the backbone's GEMM shapes alone and print each row's share of that peak")
+    p.add_argument("--gemms", action="store_true",
+                   help="also time model/'s matrix products alone (replayed): the bound of model/'s speed-up")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one model/ step")
     p.add_argument("--default-allocator", action="store_true",
                    help="CPU: leave glibc's allocator as it comes (freed memory returned, page faults each step)")
