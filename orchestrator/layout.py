@@ -9,7 +9,8 @@
                                             also the folder of its Ray Train run (Ray's own state files)
             checkpoints/step-0000100/       sharded checkpoint; COMMITTED written last; registered with Ray
             final/model.pth  backbone.pth  DONE
-            metrics.jsonl  trace/rank<r>.jsonl  FAILED  debug/
+            metrics.jsonl  metrics.live.jsonl  trace/rank<r>.jsonl  FAILED  debug/
+                                            (metrics.live.jsonl: its tail, on object storage)
             restarts.json  PREEMPTED        restart counts by reason; a drain's just-in-time checkpoint step
             embeddings/{role}/{set}/shard-NNNNNN.npy + .keys.json     curate: per-shard fp16 embeddings
             stages/{stage}.json|.npy  shards/                           curate: finished stages; output shards
@@ -68,6 +69,9 @@ class PhaseDir:
     preempted = property(lambda self: self.root / "PREEMPTED")
     metrics_rel = "metrics.jsonl"
     metrics = property(lambda self: self.root / self.metrics_rel)
+    # object storage only: the last records of metrics.jsonl, uploaded every metrics.live_every_s seconds
+    # (metrics.jsonl itself goes up with each checkpoint commit)
+    metrics_live = property(lambda self: self.root / "metrics.live.jsonl")
 
     @staticmethod
     def trace_rel(rank: int) -> str:

@@ -8,8 +8,8 @@ from orchestrator.storage import Store
 
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 # names of a run's files and folders (orchestrator/layout.py): flagged alone, or inside a path
-RUN_FILES = ("checkpoints", "final", "pipeline.json", "metrics.jsonl", "COMMITTED", "DONE", "LOCK", "FAILED",
-             "exports", "backbone.pth", "model.pth")
+RUN_FILES = ("checkpoints", "final", "pipeline.json", "metrics.jsonl", "metrics.live.jsonl", "COMMITTED", "DONE",
+             "LOCK", "FAILED", "exports", "backbone.pth", "model.pth")
 # common words that are run folders only inside a path ("report/", "/logs")
 RUN_FOLDERS = ("report", "trace", "stages", "logs", "shards", "ray", "debug", "embeddings")
 

@@ -122,3 +122,37 @@ def test_status_cli_is_fast_and_imports_no_torch(tmp_path, monkeypatch):
 def test_missing_run_names_the_file(tmp_path, capsys):
     rc = progress.cmd_status(types.SimpleNamespace(run_url=str(tmp_path / "nope"), json=False))
     assert rc == 3 and "nope/pipeline.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_live_tail_on_s3_shows_steps_between_commits(tmp_path, monkeypatch, s3_server, capsys):
+    """On object storage metrics.jsonl goes up with each commit; rank 0's LiveTail uploads its last
+    records in between (whole lines, at most LIVE_BYTES, rate-limited), and status reads them."""
+    from orchestrator.training import records
+
+    opts = {"endpoint_url": s3_server["endpoint_url"]}
+    remote = RunLayout(Store(f"s3://{s3_server['bucket']}/live-tail", opts), "smoke").phase("pretrain")
+    local = RunLayout(Store(str(tmp_path)), "smoke").phase("pretrain")
+    write_steps(local, 100, monkeypatch=monkeypatch)
+    remote.metrics.put_file(local.metrics.local_path)          # uploaded with the commit of step 100
+    commit(remote, 100)
+    write_steps(local, 600, monkeypatch=monkeypatch, start=101)
+    assert progress.key_progress(remote, 1000)["step"] == 100  # nothing newer on S3 yet
+    live = records.LiveTail(local.metrics.local_path, remote.metrics_live, every_s=30.0)
+    assert live.maybe_upload(now=1000.0) and not live.maybe_upload(now=1029.0)  # at most every 30 s
+    live.close()
+    data = remote.metrics_live.read_bytes()
+    steps = [json.loads(line)["step"] for line in data.decode().splitlines()]
+    assert local.metrics.size() > records.LIVE_BYTES >= len(data) and data.endswith(b"\n")
+    assert steps == list(range(steps[0], 601)) and steps[0] > 101, steps[:3]  # whole lines, the newest
+    p = progress.key_progress(remote, 1000)
+    assert p["step"] == 600 and p["checkpoint_step"] == 100 and p["eta_s"] == pytest.approx(400 * 0.5)
+    # an upload that fails (nothing listens there) is reported once and never raises into the training loop
+    down = {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    monkeypatch.setattr("s3fs.S3FileSystem.retries", 1)  # s3fs's own retries: 5 by default, with back-off
+    broken = records.LiveTail(local.metrics.local_path, Store("s3://bucket/x.jsonl", down), 0.0)
+    broken.upload()
+    broken.upload()
+    out = capsys.readouterr().out
+    assert out.count("dinoray status lags until this upload works: ") == 1 and "s3://bucket/x.jsonl" in out, out
+    assert s3_server["secret"] not in out and "check the bucket name, AWS_ENDPOINT_URL" in out, out

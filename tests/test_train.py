@@ -136,6 +136,8 @@ def test_kill_and_resume_on_s3_gives_equal_weights_and_exact_data(curves, cifar,
     assert res["checkpoint"].startswith("s3://") and checkpoint.final_info(phase) == res
     # the JSON-lines files are re-seeded at resume without the redone steps: each step once
     assert [m["step"] for m in metrics(job)] == list(range(1, STEPS + 1))
+    live = [json.loads(line)["step"] for line in phase.metrics_live.read_bytes().decode().splitlines()]
+    assert live == list(range(1, STEPS + 1)), live   # rank 0's tail for status (all of it: < LIVE_BYTES)
     for rank in (0, 1):   # every step read exactly the batch the uninterrupted run read
         got, ref = trace(job, rank), trace(ref_job, rank)
         assert [(e["step"], e["ids"]) for e in got] == [(e["step"], e["ids"]) for e in ref]

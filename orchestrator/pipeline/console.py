@@ -34,7 +34,7 @@ from orchestrator.storage import Store
 
 LINES_PER_PHASE = 10      # plain (non-terminal) output: one line per tenth of the phase, and the last step
 POLL_S = 1.0              # how often the console reads a local run's files
-REMOTE_POLL_S = 5.0       # and an object store's (metrics.jsonl is uploaded at each checkpoint there)
+REMOTE_POLL_S = 5.0       # and an object store's (its records go up every metrics.live_every_s there)
 AUTH_MODE_ENV = "RAY_AUTH_MODE"   # Ray's switch for token authentication ("token" or "disabled")
 
 

@@ -5,7 +5,8 @@
 
 A running training phase's progress comes from what its workers write as they go (orchestrator/layout.py
 names the paths): the tail of `{phase}/metrics.jsonl` (rank 0 appends one record per step; on object
-storage it is uploaded at each checkpoint commit) and the `checkpoints/step-N/COMMITTED` markers.
+storage it is uploaded at each checkpoint commit, and its last records every `metrics.live_every_s`
+seconds as `metrics.live.jsonl`) and the `checkpoints/step-N/COMMITTED` markers.
 Imports neither torch nor Ray, so `dinoray status` answers in well under 2 s; the driver's console
 (orchestrator/pipeline/console.py) polls the same `key_progress` while a phase trains.
 """
@@ -46,12 +47,22 @@ def tail_records(store: Store, nbytes: int = TAIL_BYTES) -> list[dict]:
     return out
 
 
+def step_records(phase: PhaseDir) -> list[dict]:
+    """The last step records of a phase folder: metrics.jsonl's tail, then on object storage the newer
+    ones of metrics.live.jsonl (uploaded between the commits that upload metrics.jsonl)."""
+    recs = [r for r in tail_records(phase.metrics) if isinstance(r.get("step"), int)]
+    if not phase.root.is_local:
+        last = recs[-1]["step"] if recs else 0
+        recs += [r for r in tail_records(phase.metrics_live) if isinstance(r.get("step"), int) and r["step"] > last]
+    return recs
+
+
 def key_progress(phase: PhaseDir, steps: int, now: float | None = None, batch_size: int | None = None) -> dict:
     """Progress of one phase folder (a phase, or one distillation student) from its files. images/s is
     the whole job's, the global `batch_size` over the wall time per step (checkpoint stalls included);
     without `batch_size` (a run started before pipeline.json recorded it), rank 0's own rate."""
     now = time.time() if now is None else now
-    recs = [r for r in tail_records(phase.metrics) if isinstance(r.get("step"), int)]
+    recs = step_records(phase)
     committed = phase.committed_steps()
     out = {"step": 0, "steps": steps, "images_per_s": None, "eta_s": None, "loss": None,
            "checkpoint": str(phase.checkpoint(committed[-1])) if committed else None,

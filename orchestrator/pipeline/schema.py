@@ -130,6 +130,7 @@ class FailureCfg:
 class MetricsCfg:
     peak_flops: float = 989e12       # per device, for MFU (H100 dense bf16); CPU jobs set theirs
     export_port: int = 8080          # Ray metrics export port on each node (KubeRay's default)
+    live_every_s: float = 30.0       # object storage: rank 0 uploads metrics.jsonl's tail this often (status)
 
 
 @dataclass
@@ -159,8 +160,7 @@ class EvalCfg:
     retrieval_distractors: int = 2000  # further test images in the database, relevant to no query
 
 
-# curation (kind: curate; orchestrator/curate, docs/curation.md). [paper] = DINOv2 sec. 3 and appendix A;
-# [Vo] = Vo et al. 2024, clustering-based curation.
+# curation (kind: curate; orchestrator/curate, docs/curation.md). [paper]: DINOv2 sec. 3, app. A; [Vo]: Vo et al. 2024
 @dataclass
 class CurateEmbedderCfg:
     weights: str = ""        # phase:NAME (that phase's final/) or an exported dinov2-named file / final/ folder URL

@@ -64,6 +64,7 @@ class Worker:
     preempted: bool = False       # a drain was answered with a just-in-time checkpoint
     resumed_from: str | None = None  # "ray" (ray.train.get_checkpoint()) or "storage"; None: from scratch
     files: dict = dataclasses.field(default_factory=dict)  # JSON-lines files: {path under the phase: local path}
+    live: object = None           # records.LiveTail: rank 0 on object storage (metrics.jsonl's tail for status)
     flops: float = 0.0
     consecutive: int = 0          # non-finite steps in a row
     fenced_s: float = 0.0         # checkpoints.fence_s already counted in ckpt_stall_s
@@ -324,6 +325,8 @@ def checkpoint_and_log(worker: Worker, result: StepResult, losses: dict, t0: flo
     worker.metrics.record(step, rec)
     if committed:
         records.upload(worker)
+    if worker.live is not None:
+        worker.live.maybe_upload()
 
 
 def _largest_over_ranks(worker: Worker, values) -> list[float]:
@@ -392,6 +395,8 @@ def finish(worker: Worker, losses: dict, seconds: float) -> None:
             "backbone": worker.phase_dir.final_backbone.url, "model": worker.phase_dir.final_model.url,
             "metrics": losses, "seconds": seconds}
     records.upload(worker)
+    if worker.live is not None:
+        worker.live.close()
     checkpoint.export_final(worker.backend, worker.phase_dir, prefix, info)
     worker.metrics.close()
     if worker.in_ray:
